@@ -1,0 +1,112 @@
+"""STR: soft threshold reparameterization (Kusupati et al., ICML 2020)."""
+
+import math
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from tf_sparsity import ops as sparse_ops
+from tf_sparsity.layers.kernel_wrapper import KernelWrapper
+
+
+@keras.saving.register_keras_serializable(package="tf_sparsity")
+class SoftThreshold(KernelWrapper):
+    """Learns one pruning threshold for a layer's kernels (STR).
+
+    The layer runs with `W_eff = sign(W) * relu(|W| - g(s + offset))`, where
+    `s` is a trainable scalar (`threshold_logit`) and `g` a monotone threshold
+    function (sigmoid by default). Weights under the threshold are exact zeros
+    and get no loss gradient, but they keep their L2 decay, so they can come
+    back when the threshold falls. `offset` is a non-trainable scalar that
+    `tfs.callbacks.TargetSparsity` steers; it is 0 otherwise.
+
+    `weight_decay` adds `weight_decay / 2 * (||W||^2 + s^2)` to the model
+    losses: coupled L2 that flows through the gradient and momentum as in the
+    reference (PyTorch SGD `weight_decay`). This decay on `s` is what raises
+    the threshold over training. Do not use the optimizer's decoupled
+    `weight_decay` argument for it: that never touches `s` through the loss.
+
+    Args:
+        layer: a prunable Keras layer (Dense, Conv*, Embedding, ...).
+        s_init: initial threshold logit. Very negative values (e.g. -5 with
+            sigmoid, g = 0.0067) start almost dense.
+        weight_decay: coupled L2 coefficient on the kernels and on `s`.
+        threshold_fn: "sigmoid", "exponential", or a serializable callable.
+
+    Example:
+
+    >>> import numpy as np, keras, tf_sparsity as tfs
+    >>> layer = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0)
+    >>> layer(np.ones((1, 8), "float32")).shape
+    (1, 4)
+    """
+
+    name_prefix = "str"
+
+    def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", **kwargs):
+        if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
+            raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
+        if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be a number >= 0; received {weight_decay!r}.")
+        super().__init__(layer, **kwargs)
+        self.s_init = float(s_init)
+        self.weight_decay = float(weight_decay)
+        self.threshold_fn = sparse_ops.get_threshold_fn(threshold_fn)
+
+    def build_wrapper(self):
+        self.threshold_logit = self.add_weight(
+            name="threshold_logit",
+            shape=(),
+            dtype="float32",
+            initializer=keras.initializers.Constant(self.s_init),
+        )
+        self.threshold_offset = self.add_weight(
+            name="threshold_offset",
+            shape=(),
+            dtype="float32",
+            initializer="zeros",
+            trainable=False,
+        )
+
+    def threshold(self):
+        """The current threshold `g(s + offset)` (float32 scalar tensor)."""
+        import os
+        k = float(os.environ.get("STR_SGRAD", "1"))
+        s = self.threshold_logit
+        if k != 1:
+            s = s * k + ops.stop_gradient(s * (1 - k))
+        return self.threshold_fn(s + self.threshold_offset)
+
+    def threshold_value(self):
+        return float(ops.convert_to_numpy(self.threshold()))
+
+    def threshold_magnitudes(self):
+        """(magnitudes compared with the threshold, weights per magnitude), numpy."""
+        values = [np.abs(ops.convert_to_numpy(k)).ravel() for k in self.kernels]
+        return np.concatenate(values), 1
+
+    def effective_kernels(self):
+        threshold = self.threshold()
+        return [
+            sparse_ops.soft_threshold(ops.cast(kernel, "float32"), threshold)
+            for kernel in self.kernels
+        ]
+
+    def call(self, inputs, *args, **kwargs):
+        if self.weight_decay:
+            squares = ops.square(self.threshold_logit)
+            for kernel in self.kernels:
+                squares = squares + ops.sum(ops.square(ops.cast(kernel, "float32")))
+            self.add_loss(0.5 * self.weight_decay * squares)
+        return super().call(inputs, *args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            s_init=self.s_init,
+            weight_decay=self.weight_decay,
+            threshold_fn=sparse_ops.serialize_threshold_fn(self.threshold_fn),
+        )
+        return config
