@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from tf_sparsity import ops as sparse_ops
 from tf_sparsity import surgery
 from tf_sparsity.summary import summary
 
@@ -115,7 +116,7 @@ def polynomial_ramp(step, begin_step, end_step, power=3):
 def solve_threshold_offset(wrappers, target_sparsity, bounds=(-100.0, 100.0), iterations=60):
     """Common logit offset `b` at which the wrappers' overall sparsity is closest to target.
 
-    Each wrapper zeros the groups whose magnitude is <= `g(s_l + b)`, so
+    Returns `(b, names of layers that are entirely zero at b)`. Each wrapper zeros the groups whose magnitude is <= `g(s_l + b)`, so
     overall sparsity is monotone in `b`: bisection finds it. Layer shares stay
     set by each layer's learned `s_l` and its weights.
     """
@@ -125,26 +126,45 @@ def solve_threshold_offset(wrappers, target_sparsity, bounds=(-100.0, 100.0), it
         magnitudes, group_size = w.threshold_magnitudes()
         layers.append((np.sort(magnitudes.ravel()), group_size, w))
         total += magnitudes.size * group_size
-    logits = np.array([float(ops.convert_to_numpy(w.threshold_logit)) for w in wrappers], "float32")
+    logits = np.array([float(ops.convert_to_numpy(w.threshold_logit)) for w in wrappers], "float64")
     goal = target_sparsity * total
+    threshold_fns = [_numpy_threshold_fn(w.threshold_fn) for w in wrappers]
+
+    def layer_zeros(offset):
+        return [
+            int(np.searchsorted(m, fn(s + offset), side="right")) * gs
+            for (m, gs, _), fn, s in zip(layers, threshold_fns, logits)
+        ]
 
     def zeros(offset):
-        thresholds = [float(ops.convert_to_numpy(w.threshold_fn(ops.convert_to_tensor(s + offset))))
-                      for s, w in zip(logits, wrappers)]
-        return sum(np.searchsorted(m, t, side="right") * gs for (m, gs, _), t in zip(layers, thresholds))
+        return sum(layer_zeros(offset))
 
     lo, hi = bounds
     if zeros(lo) >= goal:
-        return lo
-    if zeros(hi) <= goal:
-        return hi
-    for _ in range(iterations):
-        mid = 0.5 * (lo + hi)
-        if zeros(mid) <= goal:
-            lo = mid
-        else:
-            hi = mid
-    return lo if abs(zeros(lo) - goal) <= abs(zeros(hi) - goal) else hi
+        best = lo
+    elif zeros(hi) <= goal:
+        best = hi
+    else:
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if zeros(mid) <= goal:
+                lo = mid
+            else:
+                hi = mid
+        best = lo if abs(zeros(lo) - goal) <= abs(zeros(hi) - goal) else hi
+    sizes = [m.size * gs for m, gs, _ in layers]
+    collapsed = [w.layer.name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n]
+    return best, collapsed
+
+
+def _numpy_threshold_fn(fn):
+    # The solver evaluates g many times per update: stay in NumPy for the
+    # built-in functions, go through keras.ops only for custom ones.
+    if fn is sparse_ops.THRESHOLD_FUNCTIONS["sigmoid"]:
+        return lambda z: float(np.float32(0.5 * (1.0 + np.tanh(0.5 * z))))
+    if fn is sparse_ops.THRESHOLD_FUNCTIONS["exponential"]:
+        return lambda z: float(np.float32(np.exp(min(z, 80.0))))
+    return lambda z: float(ops.convert_to_numpy(fn(ops.convert_to_tensor(np.float32(z)))))
 
 
 @keras.saving.register_keras_serializable(package="tf_sparsity")
@@ -174,7 +194,7 @@ class TargetSparsity(keras.callbacks.Callback):
     >>> sparse.fit(x, y, epochs=30, callbacks=[tfs.callbacks.TargetSparsity(0.9)])  # doctest: +SKIP
     """
 
-    def __init__(self, target, begin_step=0, end_step=None, end_fraction=0.7, update_every=10,
+    def __init__(self, target, begin_step=0, end_step=None, end_fraction=0.7, update_every=20,
                  power=3, on_collapse="warn"):
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target < 1:
@@ -217,7 +237,8 @@ class TargetSparsity(keras.callbacks.Callback):
             self._end = max(self.begin_step, int(self.end_fraction * epochs * steps))
         else:
             self._end = int(self.end_step)
-        self.update()
+        self._step = self._optimizer_step()
+        self.update(self._step)
 
     def current_target(self, step):
         """The scheduled overall sparsity at optimizer step `step`."""
@@ -226,18 +247,21 @@ class TargetSparsity(keras.callbacks.Callback):
     def update(self, step=None):
         """Set the threshold offsets for `step` (default: the optimizer's). Custom loops call this."""
         if step is None:
-            step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        offset = solve_threshold_offset(self.wrappers, self.current_target(step))
+            step = self._optimizer_step()
+        offset, collapsed = solve_threshold_offset(self.wrappers, self.current_target(step))
         for wrapper in self.wrappers:
             wrapper.threshold_offset.assign(offset)
-        collapsed = [w.layer.name for w in self.wrappers if w.is_collapsed()]
         _report_collapse(collapsed, step, self.on_collapse, self.model, self._reported)
         return offset
 
+    def _optimizer_step(self):
+        return int(ops.convert_to_numpy(self.model.optimizer.iterations))
+
     def on_train_batch_end(self, batch, logs=None):
-        step = int(ops.convert_to_numpy(self.model.optimizer.iterations))
-        if step % self.update_every == 0 or step == self._end:
-            self.update(step)
+        # Count steps in Python: reading `iterations` every batch forces a sync.
+        self._step += 1
+        if self._step % self.update_every == 0 or self._step == self._end:
+            self.update(self._step)
 
     def on_train_end(self, logs=None):
         self.update()

@@ -3,27 +3,38 @@
 import keras
 
 
-def mnist1d_cnn(filters=32, hidden=256, num_classes=10, seq_len=40, name="mnist1d_cnn"):
+def _l2(weight_decay):
+    # Keras' L2(l) adds l * sum(w^2); coupled weight decay wd is L2(wd / 2).
+    return keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+
+
+def mnist1d_cnn(filters=32, hidden=256, num_classes=10, seq_len=40, weight_decay=0.0,
+                name="mnist1d_cnn"):
     """The MNIST-1D 1-D CNN of the design notes: conv-conv/2-conv/2-dense-dense.
+
+    `weight_decay` puts coupled L2 on the kernels (for dense baselines; STR
+    wrappers carry their own).
 
     >>> tfs.zoo.mnist1d_cnn().count_params()  # doctest: +SKIP
     """
     layers = keras.layers
+    reg = _l2(weight_decay)
     inputs = keras.Input((seq_len, 1), name="signal")
-    x = layers.Conv1D(filters, 5, padding="same", activation="relu", name="conv1")(inputs)
-    x = layers.Conv1D(filters, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
-    x = layers.Conv1D(filters, 3, strides=2, padding="same", activation="relu", name="conv3")(x)
+    x = layers.Conv1D(filters, 5, padding="same", activation="relu", kernel_regularizer=reg, name="conv1")(inputs)
+    x = layers.Conv1D(filters, 3, strides=2, padding="same", activation="relu", kernel_regularizer=reg, name="conv2")(x)
+    x = layers.Conv1D(filters, 3, strides=2, padding="same", activation="relu", kernel_regularizer=reg, name="conv3")(x)
     x = layers.Flatten(name="flatten")(x)
-    x = layers.Dense(hidden, activation="relu", name="fc1")(x)
-    outputs = layers.Dense(num_classes, name="logits")(x)
+    x = layers.Dense(hidden, activation="relu", kernel_regularizer=reg, name="fc1")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
 
 
-def mnist1d_mlp(hidden=(512, 512), num_classes=10, seq_len=40, name="mnist1d_mlp"):
+def mnist1d_mlp(hidden=(512, 512), num_classes=10, seq_len=40, weight_decay=0.0, name="mnist1d_mlp"):
     """A Dense-only MNIST-1D classifier (block-sparse FC experiments)."""
+    reg = _l2(weight_decay)
     inputs = keras.Input((seq_len, 1), name="signal")
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(hidden):
-        x = keras.layers.Dense(units, activation="relu", name=f"fc{i + 1}")(x)
-    outputs = keras.layers.Dense(num_classes, name="logits")(x)
+        x = keras.layers.Dense(units, activation="relu", kernel_regularizer=reg, name=f"fc{i + 1}")(x)
+    outputs = keras.layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)

@@ -64,7 +64,8 @@ def wrap_prunable(model, make_wrapper, skip=None):
     return surgery.map_layers(model, replace)
 
 
-def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None):
+def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
+                   learn_threshold=True):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -82,6 +83,8 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         threshold_fn: "sigmoid" (paper default), "exponential" or a callable.
         skip: layer names, layer classes, or a predicate `layer -> bool`
             selecting prunable layers to leave dense.
+        learn_threshold: train each layer's threshold logit (the paper's
+            STR); False keeps it fixed (see `SoftThreshold`).
 
     Example:
 
@@ -95,7 +98,8 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
     return wrap_prunable(
         model,
         lambda layer: SoftThreshold(
-            layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn
+            layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
+            learn_threshold=learn_threshold,
         ),
         skip=skip,
     )

@@ -1,0 +1,79 @@
+"""The user's path: datasets, the CLI, the demo and the examples."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import tf_sparsity as tfs
+from tf_sparsity import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_mnist1d_shapes_split_and_determinism(tmp_path, monkeypatch):
+    monkeypatch.setenv("TF_SPARSITY_CACHE", str(tmp_path))
+    (x, y), (xt, yt) = tfs.datasets.mnist1d(num_samples=1000, seed=3)
+    assert x.shape == (800, 40, 1) and xt.shape == (200, 40, 1) and x.dtype == np.float32
+    assert set(np.unique(y)) == set(range(10))
+    assert list(tmp_path.glob("*.npz"))  # cached
+    (x2, _), _ = tfs.datasets.mnist1d(num_samples=1000, seed=3, cache=False)
+    np.testing.assert_array_equal(x, x2)
+    (x3, _), _ = tfs.datasets.mnist1d(num_samples=1000, seed=4, cache=False)
+    assert not np.array_equal(x, x3)
+    with pytest.raises(ValueError, match="`num_samples`"):
+        tfs.datasets.mnist1d(num_samples=0)
+
+
+def test_digits():
+    (x, y), (xt, yt) = tfs.datasets.digits()
+    assert x.shape[1:] == (8, 8, 1) and len(x) + len(xt) == 1797
+    assert 0 <= x.min() and x.max() <= 1
+
+
+def test_demo_quick_writes_report(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--output", str(tmp_path), "--quiet"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    methods = [r["method"] for r in results]
+    assert methods[0] == "dense" and "str" in methods
+    sparse = next(r for r in results if r["method"] == "str")
+    assert abs(sparse["sparsity"] - sparse["target"]) <= 0.01
+    assert sparse["effective_flops"] < sparse["flops"]
+    for name in ("report.md", "layer_sparsity.png", "accuracy_vs_sparsity.png", "str_dynamics.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| str |" in (tmp_path / "report.md").read_text()
+
+
+def test_summary_command(tmp_path, capsys):
+    model = tfs.soft_threshold(keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, name="d")]))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    assert cli.main(["summary", str(path)]) == 0
+    assert "Sparsity summary" in capsys.readouterr().out
+    assert cli.main(["summary", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["layers"][0]["name"] == "d"
+    assert cli.main(["summary", str(tmp_path / "missing.keras")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_help_and_bad_flags():
+    run = subprocess.run([sys.executable, "-m", "tf_sparsity.cli", "demo", "--help"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "--quick" in run.stdout
+    assert cli.main(["demo", "--epochs", "0"]) == 2
+
+
+def test_example_str_quick(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "str_mnist1d.py"), "--quick", "--target", "0.8",
+         "--output", str(tmp_path / "plain.keras")],
+        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "at sparsity 0.8" in run.stdout
+    loaded = keras.models.load_model(tmp_path / "plain.keras")
+    assert abs(tfs.sparsity(loaded) - 0.8) <= 0.01
