@@ -1,6 +1,7 @@
 """Shared sparsity math, written once and used by every method."""
 
 import keras
+import numpy as np
 from keras import ops
 
 # Threshold functions g for STR: monotone increasing maps from the learned
@@ -54,3 +55,72 @@ def soft_threshold(x, threshold):
 def group_norms(x, group_axes):
     """Euclidean norm of `x` over `group_axes`, kept as broadcastable dims."""
     return ops.sqrt(ops.sum(ops.square(x), axis=group_axes, keepdims=True))
+
+
+def topk_mask(scores, k, method="histogram", bins=4096):
+    """Boolean mask with exactly `k` True entries at the largest `scores`.
+
+    The global-threshold hot path of GSM, SynFlow and every global mask.
+    `method="exact"` is `top_k` over all entries. `method="histogram"` (the
+    default) bins the scores in log space (`bins` bins), finds the bin holding
+    the k-th largest, and runs `top_k` only inside that bin: exact, but
+    touching every entry only with a histogram. Ties are broken by position
+    (earlier flat index wins), so exactly `k` entries survive even when many
+    scores are equal.
+
+    Works eagerly and inside `tf.function` (TensorFlow backend).
+
+    >>> mask = topk_mask(keras.ops.array([0.1, 3.0, 2.0, 2.0]), 2)
+    >>> keras.ops.convert_to_numpy(mask).tolist()
+    [False, True, True, False]
+    """
+    import tensorflow as tf  # dynamic-size gathers; TF backend only
+
+    scores = tf.reshape(tf.convert_to_tensor(scores), [-1])
+    scores = tf.cast(scores, tf.float32)
+    n = tf.size(scores)
+    k = tf.cast(k, tf.int32)
+    if method == "exact":
+        _, idx = tf.math.top_k(scores, k=k, sorted=False)
+        return tf.scatter_nd(idx[:, None], tf.ones_like(idx, tf.bool), [n])
+    if method != "histogram":
+        raise ValueError(f"`method` must be 'histogram' or 'exact'; received {method!r}.")
+    # Scores are compared in log space so heavy-tailed |w*g| still spreads over bins.
+    tiny = tf.constant(1e-30, tf.float32)
+    logs = tf.math.log(tf.maximum(scores, tiny))
+    lo, hi = tf.reduce_min(logs), tf.reduce_max(logs)
+    hi = tf.where(hi > lo, hi, lo + 1.0)
+    width = (hi - lo) / bins
+    bin_index = tf.clip_by_value(tf.cast(tf.floor((logs - lo) / width), tf.int32), 0, bins - 1)
+    counts = tf.math.bincount(bin_index, minlength=bins, maxlength=bins)
+    # Count from the top: above[b] = entries in bins > b.
+    from_top = tf.cumsum(counts, reverse=True)
+    above = from_top - counts
+    # Boundary bin: the highest bin where entries at or above reach k.
+    boundary = tf.reduce_max(tf.where(from_top >= k, tf.range(bins), -1))
+    keep_above = bin_index > boundary
+    need = k - tf.gather(above, tf.maximum(boundary, 0))
+    in_bin = tf.where(tf.equal(bin_index, boundary))[:, 0]
+    candidates = tf.gather(scores, in_bin)
+    # top_k prefers the lower index on ties: deterministic, exactly `need` picked.
+    _, picked = tf.math.top_k(candidates, k=need, sorted=False)
+    chosen = tf.gather(in_bin, picked)
+    boundary_mask = tf.scatter_nd(chosen[:, None], tf.ones_like(chosen, tf.bool), tf.cast([n], tf.int64))
+    return tf.logical_or(keep_above, boundary_mask)
+
+
+def global_topk_masks(score_list, k, method="histogram"):
+    """`topk_mask` over several tensors at once: one global pool, masks per tensor.
+
+    >>> masks = global_topk_masks([keras.ops.ones((2, 2)), keras.ops.zeros((3,))], 4)
+    >>> [int(keras.ops.sum(keras.ops.cast(m, "int32"))) for m in masks]
+    [4, 0]
+    """
+    flat = ops.concatenate([ops.reshape(ops.cast(s, "float32"), (-1,)) for s in score_list], axis=0)
+    mask = topk_mask(flat, k, method=method)
+    out, start = [], 0
+    for s in score_list:
+        size = int(np.prod(s.shape))
+        out.append(ops.reshape(mask[start:start + size], s.shape))
+        start += size
+    return out
