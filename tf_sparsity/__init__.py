@@ -6,7 +6,8 @@
 >>> tfs.summary(sparse); plain = tfs.strip(sparse)             # doctest: +SKIP
 """
 
-from tf_sparsity import callbacks, datasets, layers, ops, prunable, zoo
+from tf_sparsity import callbacks, datasets, layers, ops, prunable, pruning, zoo
+from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.str import soft_threshold
 from tf_sparsity.summary import sparsity, summary
 from tf_sparsity.surgery import strip
@@ -14,6 +15,6 @@ from tf_sparsity.surgery import strip
 __version__ = "0.1.0"
 
 __all__ = [
-    "callbacks", "datasets", "layers", "ops", "prunable", "zoo",
-    "soft_threshold", "sparsity", "summary", "strip",
+    "callbacks", "datasets", "layers", "ops", "prunable", "pruning", "zoo",
+    "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
 ]

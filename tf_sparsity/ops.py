@@ -77,7 +77,8 @@ def topk_mask(scores, k, method="histogram", bins=4096):
     import tensorflow as tf  # dynamic-size gathers; TF backend only
 
     scores = tf.reshape(tf.convert_to_tensor(scores), [-1])
-    scores = tf.cast(scores, tf.float32)
+    if scores.dtype != tf.float64:  # float64 keeps SynFlow's huge/tiny scores apart
+        scores = tf.cast(scores, tf.float32)
     n = tf.size(scores)
     k = tf.cast(k, tf.int32)
     if method == "exact":
@@ -86,11 +87,11 @@ def topk_mask(scores, k, method="histogram", bins=4096):
     if method != "histogram":
         raise ValueError(f"`method` must be 'histogram' or 'exact'; received {method!r}.")
     # Scores are compared in log space so heavy-tailed |w*g| still spreads over bins.
-    tiny = tf.constant(1e-30, tf.float32)
+    tiny = tf.constant(1e-30 if scores.dtype == tf.float32 else 1e-300, scores.dtype)
     logs = tf.math.log(tf.maximum(scores, tiny))
     lo, hi = tf.reduce_min(logs), tf.reduce_max(logs)
     hi = tf.where(hi > lo, hi, lo + 1.0)
-    width = (hi - lo) / bins
+    width = (hi - lo) / bins  # entries <= 0 share the lowest bin; refinement uses raw scores
     bin_index = tf.clip_by_value(tf.cast(tf.floor((logs - lo) / width), tf.int32), 0, bins - 1)
     counts = tf.math.bincount(bin_index, minlength=bins, maxlength=bins)
     # Count from the top: above[b] = entries in bins > b.
@@ -116,7 +117,8 @@ def global_topk_masks(score_list, k, method="histogram"):
     >>> [int(keras.ops.sum(keras.ops.cast(m, "int32"))) for m in masks]
     [4, 0]
     """
-    flat = ops.concatenate([ops.reshape(ops.cast(s, "float32"), (-1,)) for s in score_list], axis=0)
+    dtype = "float64" if any(ops.convert_to_tensor(s).dtype == "float64" for s in score_list) else "float32"
+    flat = ops.concatenate([ops.reshape(ops.cast(s, dtype), (-1,)) for s in score_list], axis=0)
     mask = topk_mask(flat, k, method=method)
     out, start = [], 0
     for s in score_list:

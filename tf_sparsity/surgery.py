@@ -100,6 +100,63 @@ def map_layers(model, replace):
     return new_model
 
 
+def resolve_skip(model, skip):
+    """Turn `skip` (names, layer classes, or a predicate) into a predicate.
+
+    Unknown layer names raise a `ValueError` listing the prunable names.
+    """
+    if skip is None:
+        return lambda layer: False
+    if callable(skip) and not isinstance(skip, type):
+        return skip
+    items = [skip] if isinstance(skip, (str, type)) else list(skip)
+    names = {l.name for l in prunable.iter_layers(model)}
+    types, skip_names = [], set()
+    for item in items:
+        if isinstance(item, type):
+            types.append(item)
+        elif isinstance(item, str):
+            if item not in names:
+                known = sorted(l.name for l in prunable.iter_layers(model) if prunable.is_prunable(l))
+                raise ValueError(f"`skip` names unknown layer '{item}'; prunable layers: {known}.")
+            skip_names.add(item)
+        else:
+            raise TypeError(
+                "`skip` must hold layer names, layer classes, or be a predicate "
+                f"`layer -> bool`; received {item!r}."
+            )
+    types = tuple(types)
+    return lambda layer: layer.name in skip_names or (bool(types) and isinstance(layer, types))
+
+
+def wrap_prunable(model, make_wrapper, skip=None):
+    """Rebuild `model` with `make_wrapper(layer)` around each prunable layer.
+
+    The shared path for every wrapper-based method; raises if nothing is
+    prunable after `skip`.
+    """
+    check_model(model)
+    skipped = resolve_skip(model, skip)
+    wrapped = []
+
+    def replace(layer):
+        if prunable.is_prunable(layer) and not skipped(layer):
+            wrapped.append(layer.name)
+            return make_wrapper(fresh_layer(layer))
+        return None
+
+    candidates = [l for l in prunable.iter_layers(model) if prunable.is_prunable(l) and not skipped(l)]
+    if not candidates:
+        raise ValueError(
+            f"`model` '{model.name}' has no prunable layer"
+            + (" left after `skip`" if skip is not None else "")
+            + "; prunable types: "
+            + ", ".join(c.__name__ for c in prunable.PRUNABLE_TYPES)
+            + "."
+        )
+    return map_layers(model, replace)
+
+
 def wrappers(model):
     """All tf_sparsity wrappers in `model` (nested models included)."""
     return [l for l in prunable.iter_layers(model) if isinstance(l, KernelWrapper)]

@@ -1,6 +1,7 @@
 """Wrappers that make a Keras layer's kernels sparse."""
 
 from tf_sparsity.layers.kernel_wrapper import KernelWrapper
+from tf_sparsity.layers.masked import Masked
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 
-__all__ = ["KernelWrapper", "SoftThreshold"]
+__all__ = ["KernelWrapper", "Masked", "SoftThreshold"]

@@ -1,5 +1,6 @@
 """Model-level pruning methods, one file per paper."""
 
+from tf_sparsity.pruning.at_init import METHODS, critical_compression, prune_at_init, scores
 from tf_sparsity.pruning.str import soft_threshold
 
-__all__ = ["soft_threshold"]
+__all__ = ["METHODS", "critical_compression", "prune_at_init", "scores", "soft_threshold"]

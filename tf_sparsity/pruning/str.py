@@ -1,67 +1,8 @@
 """STR at model level: wrap every prunable layer with `SoftThreshold`."""
 
-import keras
 
-from tf_sparsity import prunable
 from tf_sparsity import surgery
 from tf_sparsity.layers.soft_threshold import SoftThreshold
-
-
-def resolve_skip(model, skip):
-    """Turn `skip` (names, layer classes, or a predicate) into a predicate.
-
-    Unknown layer names raise a `ValueError` listing the prunable names.
-    """
-    if skip is None:
-        return lambda layer: False
-    if callable(skip) and not isinstance(skip, type):
-        return skip
-    items = [skip] if isinstance(skip, (str, type)) else list(skip)
-    names = {l.name for l in prunable.iter_layers(model)}
-    types, skip_names = [], set()
-    for item in items:
-        if isinstance(item, type):
-            types.append(item)
-        elif isinstance(item, str):
-            if item not in names:
-                known = sorted(l.name for l in prunable.iter_layers(model) if prunable.is_prunable(l))
-                raise ValueError(f"`skip` names unknown layer '{item}'; prunable layers: {known}.")
-            skip_names.add(item)
-        else:
-            raise TypeError(
-                "`skip` must hold layer names, layer classes, or be a predicate "
-                f"`layer -> bool`; received {item!r}."
-            )
-    types = tuple(types)
-    return lambda layer: layer.name in skip_names or (bool(types) and isinstance(layer, types))
-
-
-def wrap_prunable(model, make_wrapper, skip=None):
-    """Rebuild `model` with `make_wrapper(layer)` around each prunable layer.
-
-    The shared path for every wrapper-based method; raises if nothing is
-    prunable after `skip`.
-    """
-    surgery.check_model(model)
-    skipped = resolve_skip(model, skip)
-    wrapped = []
-
-    def replace(layer):
-        if prunable.is_prunable(layer) and not skipped(layer):
-            wrapped.append(layer.name)
-            return make_wrapper(surgery.fresh_layer(layer))
-        return None
-
-    candidates = [l for l in prunable.iter_layers(model) if prunable.is_prunable(l) and not skipped(l)]
-    if not candidates:
-        raise ValueError(
-            f"`model` '{model.name}' has no prunable layer"
-            + (" left after `skip`" if skip is not None else "")
-            + "; prunable types: "
-            + ", ".join(c.__name__ for c in prunable.PRUNABLE_TYPES)
-            + "."
-        )
-    return surgery.map_layers(model, replace)
 
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
@@ -95,7 +36,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
     >>> [type(l).__name__ for l in sparse.layers]
     ['SoftThreshold', 'Dense']
     """
-    return wrap_prunable(
+    return surgery.wrap_prunable(
         model,
         lambda layer: SoftThreshold(
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,

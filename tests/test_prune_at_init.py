@@ -1,0 +1,187 @@
+"""Pruning at initialization: exact counts, SynFlow's properties, fixed masks, errors."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_sparsity as tfs
+from conftest import compile_sgd, random_like
+
+L = keras.layers
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def bn_cnn():
+    inputs = keras.Input((40, 1))
+    x = L.Conv1D(16, 5, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU()(x)
+    x = L.Conv1D(16, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = L.Flatten()(x)
+    x = L.Dense(32, activation="relu", name="fc")(x)
+    return keras.Model(inputs, L.Dense(10, name="logits")(x))
+
+
+@pytest.mark.parametrize("method", tfs.pruning.METHODS)
+@pytest.mark.parametrize("compression", [10, 100])
+def test_exact_remaining_counts(method, compression, mnist1d_data):
+    (x, y), _ = mnist1d_data
+    model = bn_cnn()
+    sparse = tfs.prune_at_init(model, method, compression=compression, iterations=5 if method == "synflow" else None,
+                               data=(x[:128], y[:128]), loss=LOSS, verbose=0, on_collapse="ignore")
+    report = tfs.summary(sparse, print_fn=None)
+    assert report.nonzeros == round(report.prunable / compression)
+    assert all(isinstance(w, tfs.layers.Masked) for w in tfs.surgery.wrappers(sparse))
+
+
+def test_sparsity_argument_and_layerwise_scope():
+    model = bn_cnn()
+    sparse = tfs.prune_at_init(model, "magnitude", sparsity=0.75, scope="layerwise", verbose=0)
+    for row in tfs.summary(sparse, print_fn=None).layers:
+        if row.prunable:
+            assert row.nonzeros == round(0.25 * row.prunable)
+
+
+def test_synflow_conservation_on_a_linear_relu_chain():
+    # Bias-free chain: the SynFlow score summed over each layer equals R (Theorem 1).
+    inputs = keras.Input((6,))
+    x = L.Dense(8, use_bias=False, activation="relu")(inputs)
+    x = L.Dense(7, use_bias=False, activation="relu")(x)
+    x = L.Dense(5, use_bias=False)(x)
+    model = keras.Model(inputs, x)
+    sums = [float(sum(a.sum() for a in s)) for s in tfs.pruning.scores(model, "synflow").values()]
+    np.testing.assert_allclose(sums, sums[0], rtol=1e-9)
+    # R itself: all-ones input through |W|.
+    ws = [np.abs(l.kernel.numpy()).astype("float64") for l in model.layers[1:]]
+    r = (np.ones((1, 6)) @ ws[0] @ ws[1] @ ws[2]).sum()
+    np.testing.assert_allclose(sums[0], r, rtol=1e-9)
+
+
+def test_synflow_needs_no_data_and_is_deterministic():
+    model = bn_cnn()
+    a = tfs.prune_at_init(model, "synflow", compression=30, iterations=10, verbose=0)
+    b = tfs.prune_at_init(model, "synflow", compression=30, iterations=10, verbose=0)
+    for wa, wb in zip(tfs.surgery.wrappers(a), tfs.surgery.wrappers(b)):
+        np.testing.assert_array_equal(wa.masks[0].numpy(), wb.masks[0].numpy())
+
+
+def test_synflow_survives_deep_products_in_float64():
+    # 30 wide layers of |W|: the path products overflow float32 but not float64.
+    inputs = keras.Input((64,))
+    x = inputs
+    for i in range(30):
+        x = L.Dense(64, kernel_initializer=keras.initializers.RandomNormal(stddev=1.0))(x)
+    model = keras.Model(inputs, x)
+    s = tfs.pruning.scores(model, "synflow")
+    values = np.concatenate([a.ravel() for v in s.values() for a in v])
+    assert np.isfinite(values).all() and (values > 0).all()
+
+
+def test_masks_only_shrink_across_rounds(monkeypatch):
+    seen = []
+    original = tfs.ops.global_topk_masks
+
+    def spy(scores, k, method="histogram"):
+        masks = original(scores, k, method=method)
+        seen.append(np.concatenate([np.asarray(m).ravel() for m in masks]))
+        return masks
+
+    monkeypatch.setattr(tfs.ops, "global_topk_masks", spy)
+    tfs.prune_at_init(bn_cnn(), "synflow", compression=50, iterations=8, verbose=0)
+    assert len(seen) == 8
+    for before, after in zip(seen, seen[1:]):
+        assert not np.any(after & ~before)  # nothing comes back
+        assert after.sum() < before.sum()
+
+
+def test_snip_and_grasp_use_training_mode_and_leave_bn_stats(mnist1d_data):
+    (x, y), _ = mnist1d_data
+    model = bn_cnn()
+    batch = (x[:64], y[:64])
+    sparse_before = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)
+    bn = sparse_before.get_layer("bn1")
+    stats = [v.numpy().copy() for v in bn.non_trainable_variables]
+    snip = tfs.pruning.scores(model, "snip", data=batch, loss=LOSS)
+    # Reference SNIP computed by hand with BN in training mode.
+    with tf.GradientTape() as tape:
+        loss = LOSS(batch[1], sparse_before(batch[0], training=True))
+    kernels = [w.kernels[0] for w in tfs.surgery.wrappers(sparse_before)]
+    grads = tape.gradient(loss, kernels)
+    np.testing.assert_allclose(snip["conv1"][0], np.abs(grads[0].numpy() * kernels[0].numpy()), rtol=1e-4, atol=1e-9)
+    with tf.GradientTape() as tape:
+        loss = LOSS(batch[1], sparse_before(batch[0], training=False))
+    eval_grads = tape.gradient(loss, kernels)
+    assert not np.allclose(np.abs(eval_grads[0].numpy() * kernels[0].numpy()), snip["conv1"][0])
+    # Scoring restores normalization statistics.
+    pruned = tfs.prune_at_init(model, "grasp", compression=10, data=batch, loss=LOSS, verbose=0)
+    for v, s in zip(pruned.get_layer("bn1").non_trainable_variables, stats):
+        np.testing.assert_array_equal(v.numpy(), s)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_pruned_weights_stay_zero_through_training(optimizer, mnist1d_data, tmp_path):
+    (x, y), (xt, yt) = mnist1d_data
+    sparse = tfs.prune_at_init(tfs.zoo.mnist1d_cnn(filters=16, hidden=64), "synflow", compression=10,
+                               iterations=10, verbose=0)
+    masks = {w.name: [m.numpy() for m in w.masks] for w in tfs.surgery.wrappers(sparse)}
+    opt = keras.optimizers.SGD(0.05, momentum=0.9) if optimizer == "sgd" else keras.optimizers.Adam(1e-3)
+    sparse.compile(opt, LOSS, metrics=["accuracy"])
+    sparse.fit(x, y, epochs=6, batch_size=128, verbose=0)
+    for w in tfs.surgery.wrappers(sparse):
+        for kernel, mask in zip(w.effective_kernels(), masks[w.name]):
+            assert np.all(np.asarray(kernel)[mask == 0] == 0)
+        np.testing.assert_array_equal(w.masks[0].numpy(), masks[w.name][0])
+    assert tfs.sparsity(sparse) == pytest.approx(0.9, abs=1e-4)
+    _, acc = sparse.evaluate(xt, yt, verbose=0)
+    assert acc > 0.25  # chance is 0.1; quality is measured in benchmarks/
+    path = tmp_path / "masked.keras"
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.predict(xt[:32], verbose=0), sparse.predict(xt[:32], verbose=0))
+    plain = tfs.strip(loaded)
+    np.testing.assert_allclose(plain.predict(xt[:32], verbose=0), sparse.predict(xt[:32], verbose=0), atol=1e-5)
+    assert tfs.sparsity(plain) == pytest.approx(0.9, abs=1e-4)
+
+
+def test_layer_collapse_warns_and_raises():
+    model = bn_cnn()
+    with pytest.warns(RuntimeWarning, match="Layer collapse: magnitude.*'fc'"):
+        tfs.prune_at_init(model, "magnitude", compression=1000, verbose=0)
+    with pytest.raises(ValueError, match="Layer collapse"):
+        tfs.prune_at_init(model, "magnitude", compression=1000, verbose=0, on_collapse="raise")
+
+
+def test_critical_compression_orders_methods():
+    model = bn_cnn()
+    mag = tfs.pruning.critical_compression(model, "magnitude", tolerance=0.1)
+    syn = tfs.pruning.critical_compression(model, "synflow", tolerance=0.1, iterations=20)
+    assert 0 < mag < syn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tfs.prune_at_init(model, "synflow", compression=10 ** (syn - 0.1), iterations=20, verbose=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"method": "snip", "compression": 10}, "needs a batch of data: pass `data"),
+        ({"method": "grasp", "compression": 10, "data": (np.zeros((2, 40, 1)), np.zeros(2))}, "needs a `loss`"),
+        ({"method": "synflow", "compression": 1}, "`compression` must be a number > 1"),
+        ({"method": "synflow", "sparsity": 1.0}, "`sparsity` must be in"),
+        ({"method": "synflow"}, "exactly one of `compression`"),
+        ({"method": "synflw", "compression": 10}, "`method` must be one of .*synflow"),
+        ({"method": "synflow", "compression": 10, "schedule": "cubic"}, "`schedule`"),
+    ],
+)
+def test_bad_input(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        tfs.prune_at_init(bn_cnn(), verbose=0, **kwargs)
+
+
+def test_nothing_prunable():
+    model = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
+    with pytest.raises(ValueError, match="no prunable layer"):
+        tfs.prune_at_init(model, "magnitude", compression=10, verbose=0)

@@ -1,0 +1,314 @@
+"""Pruning at initialization: SynFlow (Tanaka et al., NeurIPS 2020), SNIP, GraSP,
+magnitude and random, with fixed masks (`tfs.layers.Masked`)."""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf  # gradients of scores (incl. GraSP's Hessian-gradient product)
+
+from tf_sparsity import ops as sparse_ops
+from tf_sparsity import prunable, surgery
+from tf_sparsity.layers.masked import Masked
+
+METHODS = ("synflow", "snip", "grasp", "magnitude", "random")
+DATA_METHODS = ("snip", "grasp")
+GRASP_TEMPERATURE = 200.0  # the GraSP reference divides logits by T = 200
+
+
+class LayerCollapseWarning(RuntimeWarning):
+    """A prunable layer lost every weight."""
+
+
+def _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse):
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {list(METHODS)}; received {method!r}.")
+    if (compression is None) == (sparsity is None):
+        raise ValueError("Pass exactly one of `compression` (> 1) or `sparsity` (in (0, 1)).")
+    if compression is not None:
+        if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not compression > 1:
+            raise ValueError(f"`compression` must be a number > 1 (10 keeps 1/10); received {compression!r}.")
+        density = 1.0 / compression
+    else:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+            raise ValueError(f"`sparsity` must be in (0, 1); received {sparsity!r}.")
+        density = 1.0 - sparsity
+    if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"`iterations` must be an integer >= 1; received {iterations!r}.")
+    if schedule not in ("exponential", "linear"):
+        raise ValueError(f"`schedule` must be 'exponential' or 'linear'; received {schedule!r}.")
+    if scope not in ("global", "layerwise"):
+        raise ValueError(f"`scope` must be 'global' or 'layerwise'; received {scope!r}.")
+    if method in DATA_METHODS:
+        if data is None:
+            raise ValueError(f"method '{method}' needs a batch of data: pass `data=(x, y)`.")
+        if loss is None:
+            raise ValueError(f"method '{method}' needs a `loss` (e.g. "
+                             "keras.losses.SparseCategoricalCrossentropy(from_logits=True)).")
+    if on_collapse not in ("warn", "raise", "ignore"):
+        raise ValueError(f"`on_collapse` must be 'warn', 'raise' or 'ignore'; received {on_collapse!r}.")
+    return density
+
+
+def _batches(data, batch_size=256):
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError("`data` must be a tuple `(x, y)` of arrays.")
+    x, y = data
+    n = len(y)
+    if n == 0:
+        raise ValueError("`data` is empty.")
+    for start in range(0, n, batch_size):
+        yield x[start:start + batch_size], y[start:start + batch_size]
+
+
+class _Pruner:
+    """Holds a masked model and scores its kernels; one instance per `prune_at_init` call."""
+
+    def __init__(self, masked, method, data, loss, seed):
+        self.model = masked
+        self.method = method
+        self.wrappers = surgery.wrappers(masked)
+        self.kernels = [k for w in self.wrappers for k in w.kernels]
+        self.masks = [m for w in self.wrappers for m in w.masks]
+        self.owner = [w.layer.name for w in self.wrappers for _ in w.kernels]
+        self.data, self.seed = data, seed
+        self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self._rng = np.random.default_rng(seed)
+        if method == "synflow":
+            self._build_synflow()
+
+    # -- scores: one array per kernel; larger means keep -------------------
+    def scores(self):
+        return getattr(self, f"_{self.method}")()
+
+    def _magnitude(self):
+        return [tf.abs(k * m) for k, m in zip(self.kernels, self.masks)]
+
+    def _random(self):
+        return [tf.constant(self._rng.random(k.shape), tf.float32) for k in self.kernels]
+
+    def _data_gradients(self, fn):
+        # Normalization layers run in training mode (the reviewers caught the
+        # reference scoring SNIP/GraSP in eval mode); their moving statistics
+        # are restored afterwards, so scoring leaves the model unchanged.
+        saved = [v.numpy() for v in self.model.non_trainable_variables]
+        try:
+            return fn()
+        finally:
+            for v, value in zip(self.model.non_trainable_variables, saved):
+                v.assign(value)
+
+    def _loss(self, x, y, temperature=1.0):
+        return self.loss(y, self.model(x, training=True) / temperature)
+
+    def _snip(self):
+        def run():
+            total = [tf.zeros_like(k) for k in self.kernels]
+            for x, y in _batches(self.data):
+                with tf.GradientTape() as tape:
+                    loss = self._loss(x, y)
+                grads = tape.gradient(loss, self.kernels)
+                total = [t + g for t, g in zip(total, grads)]
+            return [tf.abs(g * k * m) for g, k, m in zip(total, self.kernels, self.masks)]
+        return self._data_gradients(run)
+
+    def _grasp(self):
+        def run():
+            g0 = [tf.zeros_like(k) for k in self.kernels]
+            for x, y in _batches(self.data):
+                with tf.GradientTape() as tape:
+                    loss = self._loss(x, y, GRASP_TEMPERATURE)
+                g0 = [a + b for a, b in zip(g0, tape.gradient(loss, self.kernels))]
+            hg = [tf.zeros_like(k) for k in self.kernels]
+            for x, y in _batches(self.data):
+                with tf.GradientTape() as outer:
+                    with tf.GradientTape() as inner:
+                        loss = self._loss(x, y, GRASP_TEMPERATURE)
+                    grads = inner.gradient(loss, self.kernels)
+                    z = tf.add_n([tf.reduce_sum(g * tf.stop_gradient(a)) for g, a in zip(grads, g0)])
+                hg = [a + (b if b is not None else 0.0) for a, b in zip(hg, outer.gradient(z, self.kernels))]
+            # Keep the largest theta * Hg (GraSP removes the largest -theta * Hg).
+            return [h * k * m for h, k, m in zip(hg, self.kernels, self.masks)]
+        return self._data_gradients(run)
+
+    def _build_synflow(self):
+        # A float64 copy of the network with |theta| everywhere: products of
+        # weights along paths overflow float32 in deep nets.
+        plain = surgery.strip(self.model)
+
+        def to_float64(layer):
+            if isinstance(layer, keras.layers.InputLayer):
+                return None
+            config = layer.get_config()
+            config["dtype"] = "float64"
+            return layer.__class__.from_config(config)
+
+        self._f64 = surgery.map_layers(plain, to_float64)
+        for v in self._f64.weights:
+            v.assign(tf.abs(v))
+        layers = [l for l in prunable.iter_layers(self._f64) if prunable.is_prunable(l)]
+        names = {w.layer.name for w in self.wrappers}
+        self._f64_kernels = [k for l in layers if l.name in names for k in prunable.prunable_kernels(l)]
+        self._abs_kernels = [tf.constant(np.abs(k.numpy()), tf.float64) for k in self.kernels]
+        shapes = self._f64.inputs
+        self._ones = [tf.ones([1, *s.shape[1:]], tf.float64) for s in shapes]
+        kernels = self._f64_kernels
+
+        @tf.function(reduce_retracing=True)
+        def score(masks):
+            for var, base, mask in zip(kernels, self._abs_kernels, masks):
+                var.assign(base * tf.cast(mask, tf.float64))
+            with tf.GradientTape() as tape:
+                out = self._f64(self._ones if len(self._ones) > 1 else self._ones[0], training=False)
+                total = tf.add_n([tf.reduce_sum(o) for o in tf.nest.flatten(out)])
+            grads = tape.gradient(total, kernels)
+            return [tf.abs(g * v) for g, v in zip(grads, kernels)]
+
+        self._synflow_fn = score
+
+    def _synflow(self):
+        return self._synflow_fn([tf.convert_to_tensor(m) for m in self.masks])
+
+    # -- the pruning loop ---------------------------------------------------
+    def reset(self):
+        for m in self.masks:
+            m.assign(tf.ones_like(m))
+
+    def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
+        total = sum(int(np.prod(k.shape)) for k in self.kernels)
+        bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")
+        for k in range(1, iterations + 1):
+            d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
+            # Pruned entries score -1: masks only shrink across rounds.
+            scores = [tf.where(tf.cast(m, tf.bool), tf.cast(s, _score_dtype(s)), tf.cast(-1, _score_dtype(s)))
+                      for s, m in zip(self.scores(), self.masks)]
+            if scope == "global":
+                keep = int(round(d * total))
+                new = sparse_ops.global_topk_masks(scores, keep, method=threshold_method)
+            else:
+                new = [sparse_ops.topk_mask(s, int(round(d * int(np.prod(s.shape)))), method=threshold_method)
+                       for s in scores]
+                new = [tf.reshape(m, s.shape) for m, s in zip(new, scores)]
+            for var, mask in zip(self.masks, new):
+                var.assign(tf.cast(mask, tf.float32))
+            bar.update(k, values=[("density", d)])
+        return self.collapsed()
+
+    def collapsed(self):
+        alive = {}
+        for name, m in zip(self.owner, self.masks):
+            alive[name] = alive.get(name, 0) + int(tf.reduce_sum(m))
+        return [name for name, count in alive.items() if count == 0]
+
+
+def _score_dtype(s):
+    return tf.float64 if s.dtype == tf.float64 else tf.float32
+
+
+def prune_at_init(model, method="synflow", compression=None, sparsity=None, iterations=None,
+                  schedule="exponential", scope="global", data=None, loss=None, skip=None,
+                  on_collapse="warn", threshold_method="histogram", seed=0, verbose=1):
+    """Prune `model` before training; returns a new model with fixed masks.
+
+    Prunable kernels are wrapped in `tfs.layers.Masked`; scores decide which
+    weights survive, keeping `1 / compression` of them (exactly, within
+    rounding). Methods:
+
+    - "synflow": `|theta * dR/dtheta|` with `R = sum(f_|theta|(1))` -- the
+      network with all parameters made positive, on an all-ones input,
+      normalization layers in inference mode, computed in float64. No data.
+      Iterative: 100 rounds by default, density `rho ** (k / n)`.
+    - "snip": `|w * dL/dw|` on `data` (normalization in training mode).
+    - "grasp": `w * (H g)` (keeps the largest) on `data`, logits / 200.
+    - "magnitude": `|w|`; "random": uniform scores (seeded). Both data-free.
+
+    Args:
+        model: built Sequential / functional Keras model (not modified).
+        method: one of "synflow", "snip", "grasp", "magnitude", "random".
+        compression: keep 1/compression of the prunable weights (> 1), or
+        sparsity: fraction to prune, in (0, 1).
+        iterations: rounds (default 100 for SynFlow, 1 otherwise).
+        schedule: density schedule over rounds, "exponential" or "linear".
+        scope: "global" (one threshold over all layers) or "layerwise".
+        data, loss: `(x, y)` and a Keras loss, for SNIP and GraSP.
+        skip: layer names / classes / predicate to leave dense.
+        on_collapse: "warn" (default), "raise" or "ignore" when a layer
+            loses every weight (layer collapse).
+        threshold_method: "histogram" (exact, fast) or "exact" top-k.
+        verbose: 1 shows a progress bar over rounds, 0 is silent.
+
+    Example:
+
+    >>> import keras, tf_sparsity as tfs
+    >>> model = tfs.zoo.mnist1d_cnn()
+    >>> sparse = tfs.prune_at_init(model, "synflow", compression=10, iterations=10, verbose=0)
+    >>> round(tfs.sparsity(sparse), 3)
+    0.9
+    """
+    density = _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse)
+    if iterations is None:
+        iterations = 100 if method == "synflow" else 1
+    masked = surgery.wrap_prunable(model, Masked, skip=skip)
+    pruner = _Pruner(masked, method, data, loss, seed)
+    collapsed = pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
+    for wrapper in pruner.wrappers:
+        wrapper.set_masks([m.numpy() for m in wrapper.masks], zero_weights=True)
+    if collapsed and on_collapse != "ignore":
+        message = (f"Layer collapse: {method} at compression {1 / density:.3g} pruned every weight of "
+                   f"{collapsed}; the network cannot pass signal. Lower the compression "
+                   f"(see tfs.pruning.critical_compression).")
+        if on_collapse == "raise":
+            raise ValueError(message)
+        warnings.warn(message, LayerCollapseWarning, stacklevel=2)
+    return masked
+
+
+def scores(model, method="synflow", data=None, loss=None, skip=None, seed=0):
+    """One round of `method`'s scores for every prunable kernel, as NumPy arrays.
+
+    Returns `{layer name: [score array per kernel]}` (larger means keep).
+
+    >>> s = tfs.pruning.scores(tfs.zoo.mnist1d_cnn(), "synflow")  # doctest: +SKIP
+    >>> sorted(s)  # doctest: +SKIP
+    ['conv1', 'conv2', 'conv3', 'fc1', 'logits']
+    """
+    _check_args(method, 10.0, None, None, "exponential", "global", data, loss, "ignore")
+    pruner = _Pruner(surgery.wrap_prunable(model, Masked, skip=skip), method, data, loss, seed)
+    out = {}
+    for name, value in zip(pruner.owner, pruner.scores()):
+        out.setdefault(name, []).append(np.asarray(value))
+    return out
+
+
+def critical_compression(model, method="synflow", tolerance=0.05, max_log10=None, iterations=None,
+                         verbose=0, **kwargs):
+    """Largest log10 compression at which `method` leaves every prunable layer alive.
+
+    Bisection on log10(compression) between 0 and `max_log10` (default:
+    log10 of the number of prunable weights), to within `tolerance`. Other
+    arguments go to the scorer as in `prune_at_init`.
+
+    >>> tfs.pruning.critical_compression(tfs.zoo.mnist1d_cnn(), "magnitude")  # doctest: +SKIP
+    2.9
+    """
+    if not tolerance > 0:
+        raise ValueError(f"`tolerance` must be > 0; received {tolerance!r}.")
+    _check_args(method, 10.0, None, iterations, "exponential", "global", kwargs.get("data"),
+                kwargs.get("loss"), "ignore")
+    masked = surgery.wrap_prunable(model, Masked, skip=kwargs.pop("skip", None))
+    pruner = _Pruner(masked, method, kwargs.pop("data", None), kwargs.pop("loss", None), kwargs.pop("seed", 0))
+    total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
+    iterations = iterations or (100 if method == "synflow" else 1)
+    lo, hi = 0.0, max_log10 if max_log10 is not None else math.log10(total)
+    threshold_method = kwargs.pop("threshold_method", "histogram")
+    if kwargs:
+        raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+    while hi - lo > tolerance:
+        mid = 0.5 * (lo + hi)
+        pruner.reset()
+        if pruner.prune(10.0 ** -mid, iterations, "exponential", "global", threshold_method, verbose):
+            hi = mid
+        else:
+            lo = mid
+    return lo
