@@ -53,11 +53,11 @@ def test_synflow_conservation_on_a_linear_relu_chain():
     x = L.Dense(5, use_bias=False)(x)
     model = keras.Model(inputs, x)
     sums = [float(sum(a.sum() for a in s)) for s in tfs.pruning.scores(model, "synflow").values()]
-    np.testing.assert_allclose(sums, sums[0], rtol=1e-9)
+    np.testing.assert_allclose(sums, sums[0], rtol=1e-5)  # float32 unless it would overflow
     # R itself: all-ones input through |W|.
     ws = [np.abs(l.kernel.numpy()).astype("float64") for l in model.layers[1:]]
     r = (np.ones((1, 6)) @ ws[0] @ ws[1] @ ws[2]).sum()
-    np.testing.assert_allclose(sums[0], r, rtol=1e-9)
+    np.testing.assert_allclose(sums[0], r, rtol=1e-5)
 
 
 def test_synflow_needs_no_data_and_is_deterministic():
@@ -80,21 +80,19 @@ def test_synflow_survives_deep_products_in_float64():
     assert np.isfinite(values).all() and (values > 0).all()
 
 
-def test_masks_only_shrink_across_rounds(monkeypatch):
-    seen = []
-    original = tfs.ops.global_topk_masks
+def test_masks_only_shrink_across_rounds():
+    from tf_sparsity.pruning.at_init import _Pruner
 
-    def spy(scores, k, method="histogram"):
-        masks = original(scores, k, method=method)
-        seen.append(np.concatenate([np.asarray(m).ravel() for m in masks]))
-        return masks
-
-    monkeypatch.setattr(tfs.ops, "global_topk_masks", spy)
-    tfs.prune_at_init(bn_cnn(), "synflow", compression=50, iterations=8, verbose=0)
-    assert len(seen) == 8
-    for before, after in zip(seen, seen[1:]):
-        assert not np.any(after & ~before)  # nothing comes back
-        assert after.sum() < before.sum()
+    pruner = _Pruner(tfs.surgery.wrap_prunable(bn_cnn(), tfs.layers.Masked), "synflow", None, None, 0)
+    before = None
+    for k in range(1, 9):
+        pruner.step((1 / 50) ** (k / 8))
+        after = np.concatenate([m.numpy().ravel() for m in pruner.masks]).astype(bool)
+        if before is not None:
+            assert not np.any(after & ~before)  # nothing comes back
+            assert after.sum() < before.sum()
+        before = after
+    assert before.sum() == round(before.size / 50)
 
 
 def test_snip_and_grasp_use_training_mode_and_leave_bn_stats(mnist1d_data):

@@ -132,66 +132,82 @@ class _Pruner:
             return [h * k * m for h, k, m in zip(hg, self.kernels, self.masks)]
         return self._data_gradients(run)
 
-    def _build_synflow(self):
-        # A float64 copy of the network with |theta| everywhere: products of
-        # weights along paths overflow float32 in deep nets.
+    def _build_synflow(self, dtype="float32"):
+        # A copy of the network with |theta| everywhere, normalization in
+        # inference mode. Products of weights along paths can overflow
+        # float32 in deep nets: `_synflow` checks and rebuilds in float64.
+        self._synflow_dtype = dtype
         plain = surgery.strip(self.model)
 
-        def to_float64(layer):
+        def with_dtype(layer):
             if isinstance(layer, keras.layers.InputLayer):
                 return None
             config = layer.get_config()
-            config["dtype"] = "float64"
+            config["dtype"] = dtype
             return layer.__class__.from_config(config)
 
-        self._f64 = surgery.map_layers(plain, to_float64)
-        for v in self._f64.weights:
+        self._abs_model = surgery.map_layers(plain, with_dtype)
+        for v in self._abs_model.weights:
             v.assign(tf.abs(v))
-        layers = [l for l in prunable.iter_layers(self._f64) if prunable.is_prunable(l)]
+        layers = [l for l in prunable.iter_layers(self._abs_model) if prunable.is_prunable(l)]
         names = {w.layer.name for w in self.wrappers}
-        self._f64_kernels = [k for l in layers if l.name in names for k in prunable.prunable_kernels(l)]
-        self._abs_kernels = [tf.constant(np.abs(k.numpy()), tf.float64) for k in self.kernels]
-        shapes = self._f64.inputs
-        self._ones = [tf.ones([1, *s.shape[1:]], tf.float64) for s in shapes]
-        kernels = self._f64_kernels
+        kernels = [k for l in layers if l.name in names for k in prunable.prunable_kernels(l)]
+        bases = [tf.constant(np.abs(k.numpy()), dtype) for k in self.kernels]
+        ones = [tf.ones([1, *t.shape[1:]], dtype) for t in self._abs_model.inputs]
+        model = self._abs_model
 
         @tf.function(reduce_retracing=True)
         def score(masks):
-            for var, base, mask in zip(kernels, self._abs_kernels, masks):
-                var.assign(base * tf.cast(mask, tf.float64))
+            for var, base, mask in zip(kernels, bases, masks):
+                var.assign(base * tf.cast(mask, dtype))
             with tf.GradientTape() as tape:
-                out = self._f64(self._ones if len(self._ones) > 1 else self._ones[0], training=False)
+                out = model(ones if len(ones) > 1 else ones[0], training=False)
                 total = tf.add_n([tf.reduce_sum(o) for o in tf.nest.flatten(out)])
             grads = tape.gradient(total, kernels)
-            return [tf.abs(g * v) for g, v in zip(grads, kernels)]
+            return total, [tf.abs(g * v) for g, v in zip(grads, kernels)]
 
         self._synflow_fn = score
 
     def _synflow(self):
-        return self._synflow_fn([tf.convert_to_tensor(m) for m in self.masks])
+        total, scores = self._synflow_fn(list(self.masks))
+        if self._synflow_dtype == "float32" and not (
+            np.isfinite(float(total)) and float(total) < 1e30
+            and all(bool(tf.reduce_all(tf.math.is_finite(s))) for s in scores)
+        ):
+            self._build_synflow("float64")
+            total, scores = self._synflow_fn(list(self.masks))
+        return scores
 
     # -- the pruning loop ---------------------------------------------------
     def reset(self):
         for m in self.masks:
             m.assign(tf.ones_like(m))
 
+    def _update_masks(self, scores, keep, scope, threshold_method):
+        # Pruned entries score -1: masks only shrink across rounds.
+        scores = [tf.where(m > 0, s, tf.cast(-1, s.dtype)) for s, m in zip(scores, self.masks)]
+        if scope == "global":
+            new = sparse_ops.global_topk_masks(scores, keep[0], method=threshold_method)
+        else:
+            new = [tf.reshape(sparse_ops.topk_mask(s, k, method=threshold_method), s.shape)
+                   for s, k in zip(scores, keep)]
+        for var, mask in zip(self.masks, new):
+            var.assign(tf.cast(mask, tf.float32))
+
+    def step(self, density, scope="global", threshold_method="histogram"):
+        """One round: score, then keep `density` of the weights (masks only shrink)."""
+        if not hasattr(self, "_update_fn"):
+            self._update_fn = tf.function(self._update_masks, reduce_retracing=True)
+        sizes = [int(np.prod(k.shape)) for k in self.kernels]
+        keep = [int(round(density * sum(sizes)))] if scope == "global" else [int(round(density * n)) for n in sizes]
+        scores = [tf.convert_to_tensor(s) for s in self.scores()]
+        self._update_fn(scores, [tf.constant(n) for n in keep], scope, threshold_method)
+
     def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
-        total = sum(int(np.prod(k.shape)) for k in self.kernels)
         bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")
         for k in range(1, iterations + 1):
             d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
-            # Pruned entries score -1: masks only shrink across rounds.
-            scores = [tf.where(tf.cast(m, tf.bool), tf.cast(s, _score_dtype(s)), tf.cast(-1, _score_dtype(s)))
-                      for s, m in zip(self.scores(), self.masks)]
-            if scope == "global":
-                keep = int(round(d * total))
-                new = sparse_ops.global_topk_masks(scores, keep, method=threshold_method)
-            else:
-                new = [sparse_ops.topk_mask(s, int(round(d * int(np.prod(s.shape)))), method=threshold_method)
-                       for s in scores]
-                new = [tf.reshape(m, s.shape) for m, s in zip(new, scores)]
-            for var, mask in zip(self.masks, new):
-                var.assign(tf.cast(mask, tf.float32))
+            self.step(d, scope, threshold_method)
             bar.update(k, values=[("density", d)])
         return self.collapsed()
 
@@ -200,10 +216,6 @@ class _Pruner:
         for name, m in zip(self.owner, self.masks):
             alive[name] = alive.get(name, 0) + int(tf.reduce_sum(m))
         return [name for name, count in alive.items() if count == 0]
-
-
-def _score_dtype(s):
-    return tf.float64 if s.dtype == tf.float64 else tf.float32
 
 
 def prune_at_init(model, method="synflow", compression=None, sparsity=None, iterations=None,
