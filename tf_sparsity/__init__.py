@@ -8,6 +8,7 @@
 
 from tf_sparsity import callbacks, datasets, layers, ops, prunable, pruning, zoo
 from tf_sparsity.pruning.at_init import prune_at_init
+from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
 from tf_sparsity.summary import sparsity, summary
 from tf_sparsity.surgery import strip
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "callbacks", "datasets", "layers", "ops", "prunable", "pruning", "zoo",
-    "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
+    "greedy_prune", "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
 ]

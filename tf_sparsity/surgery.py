@@ -76,12 +76,13 @@ def transfer_weights(source, target):
         target.set_weights(source.get_weights())
 
 
-def map_layers(model, replace):
+def map_layers(model, replace, transfer=transfer_weights):
     """Rebuild `model` with `replace(layer)` for each leaf layer.
 
     `replace` returns a new, unbuilt layer, or None to keep a copy of the
-    original. Weights are copied with `transfer_weights` once the new model
-    is built. The input model is never modified.
+    original. Weights are copied with `transfer(old, new)` (default
+    `transfer_weights`) once the new model is built. The input model is
+    never modified.
     """
     check_model(model)
     pairs = []
@@ -96,7 +97,7 @@ def map_layers(model, replace):
     new_model = keras.models.clone_model(model, clone_function=clone_function, recursive=True)
     for old, new in pairs:
         if old.weights:
-            transfer_weights(old, new)
+            transfer(old, new)
     return new_model
 
 
@@ -187,3 +188,179 @@ def strip(model):
         return None
 
     return map_layers(model, replace)
+
+
+# -- channel surgery: remove output units/filters and slice what follows -----
+
+# Layers a channel passes through unchanged, one channel in -> same channel out.
+_CHANNEL_PRESERVING = (
+    keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
+    keras.layers.PReLU, keras.layers.Dropout, keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D, keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalAveragePooling2D, keras.layers.BatchNormalization,
+    keras.layers.LayerNormalization, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
+)
+CHANNEL_PRUNABLE = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)
+
+
+class ChannelChain:
+    """How the output channels of `layer` reach the next prunable layer.
+
+    `between` are the channel-preserving layers on the way (their per-channel
+    weights are sliced too), `flatten` is a Flatten right before a Dense
+    `consumer`, whose input rows are then grouped per channel.
+    """
+
+    def __init__(self, layer, between, flatten, consumer):
+        self.layer, self.between, self.flatten, self.consumer = layer, between, flatten, consumer
+
+    @property
+    def width(self):
+        return self.layer.units if isinstance(self.layer, keras.layers.Dense) else self.layer.filters
+
+
+def _consumers(layer, members):
+    out = []
+    for node in layer._outbound_nodes:
+        if id(node.operation) in members:
+            out.append(node.operation)
+    return out
+
+
+def channel_chains(model):
+    """Split `model`'s Dense/Conv1D/Conv2D layers into prunable chains and the rest.
+
+    Returns `(chains, left_alone)`: `chains` maps a layer name to its
+    `ChannelChain`; `left_alone` maps other layer names to the reason they
+    cannot lose channels (output layer, residual merge, shared layer, ...).
+    Channels are never removed where the outputs meet other tensors (Add,
+    Concatenate, Multiply): those layers are left alone, never broken.
+    """
+    check_model(model)
+    layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
+    members = {id(l) for l in layers}
+    chains, left_alone = {}, {}
+    for layer in layers:
+        if not isinstance(layer, CHANNEL_PRUNABLE):
+            continue
+        if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)) or (
+                hasattr(layer, "groups") and layer.groups != 1):
+            left_alone[layer.name] = "grouped or transposed convolution"
+            continue
+        if len(layer._inbound_nodes) != 1:
+            left_alone[layer.name] = "shared layer (called more than once)"
+            continue
+        if getattr(layer, "data_format", "channels_last") != "channels_last":
+            left_alone[layer.name] = "channels_first data format"
+            continue
+        between, flatten, current, reason = [], None, layer, None
+        while True:
+            consumers = _consumers(current, members)
+            if not consumers:
+                reason = "model output"
+                break
+            if len(consumers) > 1:
+                reason = f"output of '{current.name}' feeds several layers (branch)"
+                break
+            nxt = consumers[0]
+            if isinstance(nxt, CHANNEL_PRUNABLE) and not isinstance(
+                    nxt, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose)):
+                if len(nxt._inbound_nodes) != 1 or (hasattr(nxt, "groups") and nxt.groups != 1):
+                    reason = f"next layer '{nxt.name}' is shared or grouped"
+                elif flatten is not None and not isinstance(nxt, keras.layers.Dense):
+                    reason = "Flatten before a non-Dense layer"
+                break
+            if isinstance(nxt, keras.layers.Flatten) and flatten is None:
+                flatten = nxt
+            elif isinstance(nxt, _CHANNEL_PRESERVING) and flatten is None and (
+                    not isinstance(nxt, (keras.layers.BatchNormalization, keras.layers.LayerNormalization))
+                    or nxt.axis in (-1, [-1], (-1,), len(nxt.input.shape) - 1)):
+                if isinstance(nxt, keras.layers.LayerNormalization):
+                    reason = f"'{nxt.name}' normalizes across channels"
+                    break
+                between.append(nxt)
+            else:
+                reason = f"output reaches '{nxt.name}' ({type(nxt).__name__})"
+                break
+            current = nxt
+        if reason is None:
+            chains[layer.name] = ChannelChain(layer, between, flatten, nxt)
+        else:
+            left_alone[layer.name] = reason
+    return chains, left_alone
+
+
+def prune_channels(model, keep, input_scale=None, bias_shift=None):
+    """Return a smaller copy of `model` keeping only the channels in `keep`.
+
+    Args:
+        keep: `{layer name: sorted indices of output units/filters to keep}`
+            for layers in `channel_chains(model)[0]`.
+        input_scale: optional `{layer name: per-kept-channel factors}` folded
+            into the next layer's input weights (re-weighting of kept units).
+        bias_shift: optional `{layer name: vector}` added to the next layer's
+            bias (absorbs the removed channels' mean contribution).
+
+    The result is a plain Keras model with fewer units/filters; following
+    BatchNormalization layers and the next layer's input kernel are sliced.
+    With every channel kept and no scaling it equals the original exactly.
+    """
+    import numpy as np
+
+    chains, left_alone = channel_chains(model)
+    input_scale = input_scale or {}
+    bias_shift = bias_shift or {}
+    out_keep, in_keep, per_channel = {}, {}, {}
+    for name, indices in keep.items():
+        if name not in chains:
+            why = left_alone.get(name, "not a Dense/Conv1D/Conv2D layer of this model")
+            raise ValueError(f"cannot prune channels of '{name}': {why}.")
+        chain = chains[name]
+        indices = np.asarray(sorted(int(i) for i in indices))
+        if len(indices) == 0 or indices[0] < 0 or indices[-1] >= chain.width:
+            raise ValueError(f"`keep['{name}']` must hold 1..{chain.width} indices in [0, {chain.width}).")
+        out_keep[name] = indices
+        for layer in chain.between:
+            per_channel[layer.name] = indices
+        scale = input_scale.get(name)
+        in_keep[chain.consumer.name] = (chain, indices, None if scale is None else np.asarray(scale),
+                                        bias_shift.get(name))
+
+    def replace(layer):
+        if layer.name in out_keep:
+            config = layer.get_config()
+            config["units" if isinstance(layer, keras.layers.Dense) else "filters"] = len(out_keep[layer.name])
+            with serialization_lib.SafeModeScope(False):
+                return layer.__class__.from_config(config)
+        return None
+
+    def transfer(old, new):
+        weights = [w.copy() for w in old.get_weights()]
+        if old.name in in_keep:  # slice (and re-weight) the input axis first
+            chain, idx, scale, shift = in_keep[old.name]
+            kernel = weights[0]
+            if chain.flatten is not None:
+                channels = chain.width
+                rows = kernel.reshape(-1, channels, kernel.shape[-1])
+                rows = rows[:, idx, :] * (1.0 if scale is None else scale[None, :, None])
+                kernel = rows.reshape(-1, kernel.shape[-1])
+            else:
+                kernel = np.take(kernel, idx, axis=-2)
+                if scale is not None:
+                    kernel = kernel * scale.reshape((1,) * (kernel.ndim - 2) + (-1, 1))
+            weights[0] = kernel.astype(weights[0].dtype)
+            if shift is not None and len(weights) > 1:
+                weights[1] = (weights[1] + shift).astype(weights[1].dtype)
+        if old.name in out_keep:
+            idx = out_keep[old.name]
+            weights[0] = np.take(weights[0], idx, axis=-1)
+            if len(weights) > 1:
+                weights[1] = weights[1][idx]
+        if old.name in per_channel:
+            idx = per_channel[old.name]
+            weights = [w[idx] if w.ndim == 1 else w for w in weights]
+        new.set_weights(weights)
+
+    return map_layers(model, replace, transfer=transfer)

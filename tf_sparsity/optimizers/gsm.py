@@ -237,6 +237,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         self.ramp_steps = int(ramp_steps)
         self.pool = pool
         self._pool_fn = predicate
+        self.pool_size = None  # N and Q are known once the optimizer is built
+        self.q = None
 
     # ------------------------------------------------------------------ build
     def build(self, variables):
@@ -295,22 +297,21 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         pruned = float(n_present - q) * (1.0 - (1.0 - progress) ** 3)
         return ops.cast(ops.round(float(n_present) - pruned), "int32")
 
-    def _masked_gradients(self, grads, variables):
-        """Dense gradients with the global top-Q mask applied, and mask sizes.
+    def _global_masks(self, grads, variables):
+        """Top-Q masks (None outside the pool) from ONE threshold over the whole pool.
 
-        One top-Q over the concatenated scores of every pool variable: the
-        threshold is global, not per layer.
+        The scores of every pool variable are concatenated and thresholded
+        together (`tf_sparsity.ops.global_topk_masks`): the budget is global,
+        so layers compete for it.
         """
-        import tensorflow as tf  # IndexedSlices -> dense; TF backend
-
-        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
-        counts = [None] * len(grads)
-        pool = [i for i, v in enumerate(variables) if self._in_pool[self._get_variable_index(v)]]
+        masks = [None] * len(grads)
+        pool = [i for i, v in enumerate(variables)
+                if grads[i] is not None and self._in_pool[self._get_variable_index(v)]]
         if not pool:
-            return grads, counts
+            return masks
         scores = []
         for i in pool:
-            w = ops.cast(variables[i], "float32")
+            w = ops.cast(variables[i], "float32")  # thresholds in float32 under mixed precision
             if self.metric == "taylor":
                 scores.append(ops.abs(w * ops.cast(grads[i], "float32")))
             else:
@@ -319,51 +320,70 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         method = self.threshold_method
         if method == "histogram" and _in_xla_context():
             method = "exact"
-        masks = sparse_ops.global_topk_masks(scores, self._current_k(n_present), method=method)
-        for i, mask in zip(pool, masks):
-            grads[i] = tf.where(mask, grads[i], tf.zeros_like(grads[i]))
-            counts[i] = tf.reduce_sum(tf.cast(mask, tf.int32))
-        return grads, counts
+        found = sparse_ops.global_topk_masks(scores, self._current_k(n_present), method=method)
+        for i, mask in zip(pool, found):
+            masks[i] = mask
+        return masks
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         import tensorflow as tf  # tf.distribute plumbing, as in Keras' TFOptimizer
 
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         # 1. All-reduce (a no-op outside tf.distribute replica contexts) so the
         #    mask is taken on the global-batch gradient, never per replica.
         reduced = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
         grads = [g for g, _ in reduced]
-        # 2. One global top-Q over the whole pool.
-        grads, counts = self._masked_gradients(grads, trainable_variables)
+        # 2. One global top-Q over the whole pool. Every replica now holds the
+        #    same reduced gradients and mirrored weights, hence the same mask.
+        masks = self._global_masks(grads, trainable_variables)
         # 3. Per-variable momentum updates (on every replica's copy).
         tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._distributed_gsm_update, self._distribution_strategy,
-            list(zip(grads, tf_vars, counts)), learning_rate,
+            list(zip(grads, tf_vars, masks)), learning_rate,
         )
 
     def _distributed_gsm_update(self, distribution, items, learning_rate):
-        for grad, var, count in items:
+        for grad, var, mask in items:
             if grad is None:
                 continue
             distribution.extended.update(
-                var, self._update_one, args=(grad, count, learning_rate), group=False
+                var, self._update_one, args=(grad, mask, learning_rate), group=False
             )
 
-    def _update_one(self, variable, gradient, count, learning_rate):
-        self.update_step(gradient, variable, learning_rate)
-        if count is not None:
+    def _update_one(self, variable, gradient, mask, learning_rate):
+        self.update_step(gradient, variable, learning_rate, mask=mask)
+        if mask is not None:
             slot = self._active_slot[self._get_variable_index(variable)]
-            self.assign(self.active_counts[slot], count)
+            self.assign(self.active_counts[slot], ops.sum(ops.cast(mask, "int32")))
 
-    def update_step(self, gradient, variable, learning_rate):
-        """Momentum SGD with coupled L2 on an (already masked) gradient."""
-        lr = ops.cast(learning_rate, variable.dtype)
-        d = ops.cast(gradient, variable.dtype)
-        if self.l2 and self._use_weight_decay(variable):
-            d = d + ops.cast(self.l2, variable.dtype) * variable
-        if self.momentum:
-            beta = ops.cast(self.momentum, variable.dtype)
-            z = self.momentums[self._get_variable_index(variable)]
+    # Use TensorFlow's fused momentum kernel (one pass over the variable)
+    # instead of ~6 elementwise ops; its math is exactly the paper's rule.
+    fused_kernel = True
+
+    def update_step(self, gradient, variable, learning_rate, mask=None):
+        """One variable: `d = mask*g + l2*w`, `z <- beta*z + d`, `w <- w - lr*z` (or Nesterov)."""
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        decay = ops.cast(self.l2, dtype) * variable if self.l2 and self._use_weight_decay(variable) else None
+        if mask is None:
+            d = g if decay is None else g + decay
+        elif decay is None:
+            d = ops.where(mask, g, ops.zeros_like(g))
+        else:
+            d = ops.where(mask, g + decay, decay)
+        z = self.momentums[self._get_variable_index(variable)] if self.momentum else None
+        if self.fused_kernel and z is not None and keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            tf.raw_ops.ResourceApplyMomentum(
+                var=_handle(variable), accum=_handle(z), lr=lr, grad=d,
+                momentum=ops.cast(self.momentum, dtype), use_nesterov=self.nesterov,
+            )
+            return
+        if z is not None:
+            beta = ops.cast(self.momentum, dtype)
             self.assign(z, beta * z + d)
             d = d + beta * z if self.nesterov else z
         self.assign_sub(variable, lr * d)
@@ -438,6 +458,13 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         if isinstance(config.get("pool"), dict):
             config["pool"] = keras.saving.deserialize_keras_object(config["pool"], custom_objects=custom_objects)
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _handle(variable):
+    # The resource handle of a (Keras or tf / per-replica) variable for raw ops.
+    if isinstance(variable, keras.Variable):
+        variable = variable.value
+    return variable.handle
 
 
 def _variables_of(model_or_vars):

@@ -1,0 +1,324 @@
+"""Greedy forward selection of neurons/channels (Ye et al., ICML 2020 and
+NeurIPS 2020), plus the L1-norm filter pruning baseline (Li et al., ICLR 2017).
+
+Both produce a physically smaller Keras model through
+`tf_sparsity.surgery.prune_channels`.
+"""
+
+import math
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_sparsity import surgery
+from tf_sparsity.summary import summary
+
+OBJECTIVES = ("local", "global", "auto")
+
+
+def _check_fraction(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"`{name}` must be a fraction in (0, 1); received {value!r}.")
+    return float(value)
+
+
+def _inputs_of(data, model):
+    x = data[0] if isinstance(data, (tuple, list)) and len(data) == 2 else data
+    if x is None:
+        raise ValueError("`data` is required: pass `x` or `(x, y)` with a batch of real inputs.")
+    x = np.asarray(x)
+    expected = tuple(model.inputs[0].shape[1:])
+    if x.ndim != len(expected) + 1 or any(e is not None and e != s for e, s in zip(expected, x.shape[1:])):
+        raise ValueError(f"`data` must have shape (n, {', '.join(str(e) for e in expected)}) to fit "
+                         f"the model's input; received {x.shape}.")
+    if len(x) == 0:
+        raise ValueError("`data` is empty.")
+    return x.astype(model.inputs[0].dtype)
+
+
+def _uniform_width_for_flops(model, chains, flops):
+    """Fraction of channels kept per layer so that MACs ≈ `flops` × dense MACs."""
+    dense = summary(model, print_fn=None).flops
+
+    def ratio(width):
+        keep = {n: range(max(1, round(width * c.width))) for n, c in chains.items()}
+        return summary(surgery.prune_channels(model, keep), print_fn=None).flops / dense
+
+    lo, hi = 0.0, 1.0
+    for _ in range(14):
+        mid = 0.5 * (lo + hi)
+        if ratio(mid) > flops:
+            hi = mid
+        else:
+            lo = mid
+    return max(lo, 1e-6)
+
+
+def _budgets(model, chains, width, flops):
+    if width is not None and flops is not None:
+        raise ValueError("Pass at most one budget: `width` or `flops`.")
+    if flops is not None:
+        width = _uniform_width_for_flops(model, chains, flops)
+    if width is None:
+        return {n: c.width for n, c in chains.items()}
+    return {n: max(1, round(width * c.width)) for n, c in chains.items()}
+
+
+def _contributions(h, consumer, flatten, max_elements=20_000_000):
+    """Per-channel contributions to `consumer`'s pre-activation: array (N, samples, out)."""
+    kernel = ops.convert_to_numpy(consumer.kernel).astype("float32")
+    if isinstance(consumer, keras.layers.Dense):
+        if flatten is not None:
+            n = h.shape[-1]
+            h = h.reshape(len(h), -1, n)  # (B, P, N)
+            w = kernel.reshape(h.shape[1], n, -1)  # (P, N, M)
+            return np.einsum("bpn,pnm->nbm", h, w, optimize=True)
+        n = h.shape[-1]
+        h = h.reshape(-1, n)
+        return h.T[:, :, None] * kernel[:, None, :]  # (N, B', M)
+    # Convolution: a depthwise conv with the consumer's kernel gives each input
+    # channel's contribution to every output channel separately.
+    n, out = kernel.shape[-2], kernel.shape[-1]
+    positions = max(1, int(np.prod(h.shape[1:-1])))
+    keep = max(1, min(len(h), max_elements // max(1, n * out * positions)))
+    h = h[:keep]
+    y = ops.convert_to_numpy(ops.depthwise_conv(
+        h, kernel, strides=consumer.strides, padding=consumer.padding,
+        dilation_rate=consumer.dilation_rate))
+    y = y.reshape(len(h), -1, n, out)  # (B, L', N, Cout)
+    return np.transpose(y, (2, 0, 1, 3)).reshape(n, -1, out)
+
+
+class _LocalFit:
+    """Least squares of the full contribution by a subset of channels, in Gram form."""
+
+    def __init__(self, contributions):
+        c = contributions.astype("float64")
+        self.means = c.mean(axis=1)  # (N, M): per-channel mean contribution per output unit
+        centered = (c - self.means[:, None, :]).reshape(len(c), -1)
+        self.gram = centered @ centered.T
+        self.b = self.gram.sum(axis=1)  # <c_j, T> with T = sum_j c_j
+        self.total = max(float(self.b.sum()), 1e-30)  # ||T||^2
+
+    def solve(self, selected):
+        s = np.asarray(selected)
+        g = self.gram[np.ix_(s, s)] + 1e-10 * np.eye(len(s)) * max(1.0, np.trace(self.gram) / len(self.gram))
+        alpha = np.linalg.solve(g, self.b[s])
+        error = 1.0 - float(self.b[s] @ alpha) / self.total
+        return alpha, max(error, 0.0)
+
+    def gains(self, selected):
+        """Reduction of the squared residual from adding each channel."""
+        diag = np.diag(self.gram)
+        if not selected:
+            return self.b ** 2 / np.maximum(diag, 1e-30)
+        s = np.asarray(selected)
+        g_inv = np.linalg.pinv(self.gram[np.ix_(s, s)])
+        v = self.gram[:, s]
+        alpha = g_inv @ self.b[s]
+        num = (self.b - v @ alpha) ** 2
+        den = diag - np.einsum("ij,jk,ik->i", v, g_inv, v)
+        gains = num / np.maximum(den, 1e-12 * max(diag.max(), 1e-30))
+        gains[s] = -np.inf
+        return gains
+
+    def bias_shift(self, selected, alpha):
+        return self.means.sum(axis=0) - alpha @ self.means[np.asarray(selected)]
+
+
+def _select_local(fit, budget, tolerance, candidates, rng):
+    selected, error = [], 1.0
+    alpha = np.zeros(0)
+    while len(selected) < budget and error > tolerance:
+        gains = fit.gains(selected)
+        pool = np.flatnonzero(np.isfinite(gains))
+        if candidates is not None and len(pool) > candidates:
+            pool = rng.choice(pool, candidates, replace=False)
+        selected.append(int(pool[np.argmax(gains[pool])]))
+        alpha, error = fit.solve(selected)
+    return selected, alpha, error
+
+
+def _select_global(fit, budget, tolerance, h, tail, reference, candidates, taylor, rng):
+    """Add the channel that best keeps the network's final output (MSE vs the original)."""
+    mean = h.mean(axis=tuple(range(h.ndim - 1)))
+    scale = max(float(np.var(reference)), 1e-30)
+    import tensorflow as tf  # GradientTape for the Taylor ranking
+
+    def outputs(multipliers):
+        # Removed channels are replaced by their mean, kept ones re-weighted:
+        # for the linear consumer this equals LS re-weighting plus bias shift.
+        m = multipliers.reshape((len(multipliers),) + (1,) * (h.ndim - 1) + (-1,))
+        x = mean + m * (h[None] - mean)
+        return ops.convert_to_numpy(tail(x.reshape((-1,) + h.shape[1:]))).reshape(
+            (len(multipliers), -1) + reference.shape[1:])
+
+    def multipliers_for(sets):
+        out = np.zeros((len(sets), h.shape[-1]), "float32")
+        for row, s in enumerate(sets):
+            alpha, _ = fit.solve(s)
+            out[row, s] = alpha
+        return out
+
+    selected, error = [], 1.0
+    while len(selected) < budget and error > tolerance:
+        pool = np.setdiff1d(np.arange(h.shape[-1]), selected)
+        if taylor and selected and len(pool) > (candidates or 16):
+            base = multipliers_for([selected])[0]
+            m = tf.Variable(base)
+            with tf.GradientTape() as tape:
+                x = mean + tf.reshape(m, (1,) * (h.ndim - 1) + (-1,)) * (h - mean)
+                loss = tf.reduce_mean((tail(x) - reference) ** 2)
+            grad = tape.gradient(loss, m).numpy()
+            # First-order change from switching a channel on at weight 1.
+            pool = pool[np.argsort(grad[pool])[: candidates or 16]]
+        elif candidates is not None and len(pool) > candidates:
+            pool = rng.choice(pool, candidates, replace=False)
+        results = []
+        for start in range(0, len(pool), 8):
+            chunk = pool[start:start + 8]
+            out = outputs(multipliers_for([selected + [int(j)] for j in chunk]))
+            results.extend(((out - reference[None]) ** 2).reshape(len(chunk), -1).mean(axis=1))
+        selected.append(int(pool[int(np.argmin(results))]))
+        error = float(np.min(results)) / scale
+    alpha, _ = fit.solve(selected)
+    return selected, alpha, error
+
+
+def _sub_models(model, chain):
+    # keras.src Function runs a slice of the existing graph without adding
+    # nodes to the layers (a Functional from intermediate tensors would).
+    from keras.src.ops.function import Function
+
+    source = chain.flatten.input if chain.flatten is not None else chain.consumer.input
+    head = Function(model.inputs, source)
+    try:
+        tail = Function([source], model.outputs)
+    except Exception:  # the rest of the graph needs other tensors: no global objective here
+        return head, None
+    return head, lambda x: tail([x])[0]
+
+
+def greedy_prune(model, data, objective="auto", width=None, flops=None, tolerance=1e-3,
+                 candidates=None, taylor=False, finetune_steps=0, batch_size=256, seed=0,
+                 verbose=1, return_report=False):
+    """Structured pruning by greedy forward selection; returns a smaller model.
+
+    Layer by layer (units of Dense, filters of Conv1D/Conv2D, input side
+    first), starts from no channels and repeatedly adds the channel that most
+    reduces an imitation loss on a batch of `data`:
+
+    - "local": match the next layer's original pre-activation, with the best
+      least-squares re-weighting of the kept channels (folded into the next
+      layer's weights) and a bias correction for the removed ones;
+    - "global": match the network's final output (MSE to the original);
+    - "auto": run both per layer and keep whichever needs fewer channels
+      (at equal count, the lower final-output error).
+
+    Selection stops when the objective's relative error falls to `tolerance`
+    or the layer reaches its budget: `width` (fraction of channels per
+    layer) or `flops` (fraction of the dense MACs, spent as a uniform width).
+    Layers whose outputs meet others in Add/Concatenate/Multiply, shared
+    layers and the output layer are left alone (listed in the report).
+
+    Args:
+        model: built Sequential / functional model.
+        data: `x` or `(x, y)`; a batch (the first `batch_size` rows) is used.
+        candidates: evaluate only this many (random) candidates per step.
+        taylor: for "global", rank candidates by a first-order estimate and
+            evaluate only the best `candidates` (default 16).
+        finetune_steps: Adam steps on the MSE to the original model's outputs
+            after pruning (imitation; labels are not needed).
+        return_report: also return a dict per layer (kept/total, error, objective).
+
+    Example:
+
+    >>> (x, y), _ = tfs.datasets.mnist1d()  # doctest: +SKIP
+    >>> small = tfs.greedy_prune(model, x[:512], width=0.5, verbose=0)  # doctest: +SKIP
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"`objective` must be one of {list(OBJECTIVES)}; received {objective!r}.")
+    width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
+    if not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ValueError(f"`tolerance` must be a number >= 0; received {tolerance!r}.")
+    if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
+        raise ValueError(f"`candidates` must be an integer >= 1; received {candidates!r}.")
+    surgery.check_model(model)
+    x = _inputs_of(data, model)
+    batch = x[:batch_size]
+    chains, left_alone = surgery.channel_chains(model)
+    if not chains:
+        raise ValueError("`model` has no layer whose channels can be removed "
+                         f"(Dense/Conv1D/Conv2D feeding one Dense/Conv): {left_alone}.")
+    budgets = _budgets(model, chains, width, flops)
+    rng = np.random.default_rng(seed)
+    reference = ops.convert_to_numpy(model(batch, training=False))
+    current = model
+    report = {name: {"kept": None, "total": c.width, "left_alone": False} for name, c in chains.items()}
+    for name, reason in left_alone.items():
+        report[name] = {"left_alone": True, "reason": reason}
+    progress = keras.utils.Progbar(len(chains), verbose=verbose, unit_name="layer")
+    for i, name in enumerate(chains):
+        chain = surgery.channel_chains(current)[0][name]
+        head, tail = _sub_models(current, chain)
+        h = ops.convert_to_numpy(head([batch])).astype("float32")
+        fit = _LocalFit(_contributions(h, chain.consumer, chain.flatten))
+        results = {}
+        if objective in ("local", "auto") or tail is None:
+            results["local"] = _select_local(fit, budgets[name], tolerance, candidates, rng)
+        if objective in ("global", "auto") and tail is not None:
+            results["global"] = _select_global(fit, budgets[name], tolerance, h, tail, reference,
+                                               candidates, taylor, rng)
+        chosen = min(results, key=lambda k: (len(results[k][0]), results[k][2]))
+        selected, alpha, error = results[chosen]
+        order = np.argsort(selected)
+        kept = np.asarray(selected)[order]
+        current = surgery.prune_channels(
+            current, {name: kept}, input_scale={name: alpha[order]},
+            bias_shift={name: fit.bias_shift(selected, alpha).astype("float32")})
+        report[name].update(kept=len(kept), error=error, objective=chosen)
+        progress.update(i + 1, values=[("kept", len(kept) / chain.width), ("error", error)])
+    if finetune_steps:
+        _imitate(current, model, x, finetune_steps, batch_size, seed)
+    return (current, report) if return_report else current
+
+
+def _imitate(student, teacher, x, steps, batch_size, seed):
+    """Fine-tune `student` for `steps` Adam steps to reproduce `teacher`'s outputs (no labels)."""
+    import tensorflow as tf  # tf.data input pipeline
+
+    targets = teacher.predict(x, verbose=0, batch_size=512)
+    data = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(len(x), seed=seed).repeat().batch(batch_size)
+    student.compile(keras.optimizers.Adam(1e-3), "mse")
+    student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
+
+
+def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+    """Baseline: keep each layer's channels with the largest L1 kernel norm (Li et al. 2017).
+
+    Same budgets, same surgery and same optional imitation fine-tune as
+    `greedy_prune`, no re-weighting.
+
+    >>> small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_cnn(), width=0.5)  # doctest: +SKIP
+    """
+    width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
+    if width is None and flops is None:
+        raise ValueError("Pass a budget: `width` or `flops` (a fraction in (0, 1)).")
+    chains, _ = surgery.channel_chains(model)
+    if not chains:
+        raise ValueError("`model` has no layer whose channels can be removed.")
+    budgets = _budgets(model, chains, width, flops)
+    keep = {}
+    for name, chain in chains.items():
+        kernel = np.abs(ops.convert_to_numpy(chain.layer.kernel))
+        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
+        keep[name] = np.sort(np.argsort(-norms, kind="stable")[: budgets[name]])
+    pruned = surgery.prune_channels(model, keep)
+    if finetune_steps:
+        if data is None:
+            raise ValueError("`data` is required for `finetune_steps`.")
+        _imitate(pruned, model, _inputs_of(data, model), finetune_steps, batch_size, seed)
+    return pruned
