@@ -25,6 +25,7 @@ class LayerReport:
     flops: int | None  # dense MACs of the prunable kernels per example
     effective_flops: int | None  # MACs counting only nonzero weights
     bytes: int  # storage of all the layer's weights, dense
+    rank: str | None = None  # learned ranks of low-rank layers, e.g. "4/16, 3/16"
 
     @property
     def sparsity(self):
@@ -99,6 +100,9 @@ class Summary:
 
     def __str__(self):
         header = ("layer", "type", "params", "nonzero", "sparsity", "threshold", "MACs", "MACs nz", "bytes")
+        with_rank = any(r.rank for r in self.layers)
+        if with_rank:
+            header = header + ("rank",)
         rows = [header]
         for r in self.layers:
             rows.append((
@@ -107,11 +111,11 @@ class Summary:
                 f"{r.sparsity:.1%}" + (" COLLAPSED" if r.collapsed else "") if r.prunable else "-",
                 f"{r.threshold:.3g}" if r.threshold is not None else "-",
                 _fmt_int(r.flops), _fmt_int(r.effective_flops), f"{r.bytes:,}",
-            ))
+            ) + ((r.rank or "-",) if with_rank else ()))
         rows.append((
             "total", "", f"{self.params:,}", f"{self.nonzeros:,}", f"{self.sparsity:.1%}", "",
             _fmt_int(self.flops), _fmt_int(self.effective_flops), f"{self.bytes:,}",
-        ))
+        ) + (("",) if with_rank else ()))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
         line = "  ".join("-" * w for w in widths)
         out = [f"Sparsity summary: {self.model_name}", line]
@@ -172,7 +176,13 @@ def macs_per_weight(layer, in_shape, out_shape):
 
 
 def layer_report(layer):
-    """The `LayerReport` of one layer (wrapped or plain)."""
+    """The `LayerReport` of one layer (wrapped or plain).
+
+    Layers may describe themselves by implementing `summary_row()` returning
+    a `LayerReport` (low-rank RNN layers do, to report learned ranks).
+    """
+    if hasattr(layer, "summary_row"):
+        return layer.summary_row()
     inner = layer.layer if isinstance(layer, KernelWrapper) else layer
     # A wrapper's own scalars (threshold logit, offset) are bookkeeping, not params.
     params = sum(int(np.prod(w.shape)) for w in inner.weights)

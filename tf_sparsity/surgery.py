@@ -179,15 +179,25 @@ def strip(model):
     >>> [type(l).__name__ for l in plain.layers]
     ['Dense']
     """
-    if isinstance(model, KernelWrapper):
+    if hasattr(model, "stripped_layer") and not isinstance(model, keras.Model):
         return model.stripped_layer()
+    baked = set()
 
     def replace(layer):
-        if isinstance(layer, KernelWrapper):
-            return fresh_layer(layer.layer)
+        # Protocol: any tf_sparsity layer with `stripped_layer()` returns a
+        # plain, built layer holding its effective weights (wrappers, RNN
+        # layers with low-rank cells, ...).
+        if hasattr(layer, "stripped_layer"):
+            new = layer.stripped_layer()
+            baked.add(id(new))
+            return new
         return None
 
-    return map_layers(model, replace)
+    def transfer(old, new):
+        if id(new) not in baked:
+            transfer_weights(old, new)
+
+    return map_layers(model, replace, transfer=transfer)
 
 
 # -- channel surgery: remove output units/filters and slice what follows -----
