@@ -123,17 +123,22 @@ def solve_threshold_offset(wrappers, target_sparsity, bounds=(-100.0, 100.0), it
     layers = []
     total = 0
     for w in wrappers:
-        magnitudes, group_size = w.threshold_magnitudes()
-        layers.append((np.sort(magnitudes.ravel()), group_size, w))
-        total += magnitudes.size * group_size
+        magnitudes, sizes = w.threshold_magnitudes()
+        magnitudes = magnitudes.ravel()
+        sizes = np.broadcast_to(np.asarray(sizes, "float64"), magnitudes.shape)
+        order = np.argsort(magnitudes, kind="stable")
+        # Entries zeroed when the first i groups (by magnitude) are pruned.
+        cumulative = np.concatenate([[0.0], np.cumsum(sizes[order])])
+        layers.append((magnitudes[order], cumulative, w))
+        total += cumulative[-1]
     logits = np.array([float(ops.convert_to_numpy(w.threshold_logit)) for w in wrappers], "float64")
     goal = target_sparsity * total
     threshold_fns = [_numpy_threshold_fn(w.threshold_fn) for w in wrappers]
 
     def layer_zeros(offset):
         return [
-            int(np.searchsorted(m, fn(s + offset), side="right")) * gs
-            for (m, gs, _), fn, s in zip(layers, threshold_fns, logits)
+            cumulative[np.searchsorted(m, fn(s + offset), side="right")]
+            for (m, cumulative, _), fn, s in zip(layers, threshold_fns, logits)
         ]
 
     def zeros(offset):
@@ -152,8 +157,8 @@ def solve_threshold_offset(wrappers, target_sparsity, bounds=(-100.0, 100.0), it
             else:
                 hi = mid
         best = lo if abs(zeros(lo) - goal) <= abs(zeros(hi) - goal) else hi
-    sizes = [m.size * gs for m, gs, _ in layers]
-    collapsed = [w.layer.name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n]
+    sizes = [cumulative[-1] for _, cumulative, _ in layers]
+    collapsed = [w.layer.name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n - 0.5]
     return best, collapsed
 
 

@@ -52,9 +52,60 @@ def soft_threshold(x, threshold):
     return ops.sign(x) * ops.relu(ops.abs(x) - threshold)
 
 
-def group_norms(x, group_axes):
-    """Euclidean norm of `x` over `group_axes`, kept as broadcastable dims."""
-    return ops.sqrt(ops.sum(ops.square(x), axis=group_axes, keepdims=True))
+def _blocked(x, block_shape):
+    """Reshape a kernel `[..., in, out]` (padded with zeros to multiples of
+    `block_shape = (block_in, block_out)`) to `[..., in/bi, bi, out/bo, bo]`."""
+    bi, bo = block_shape
+    n_in, n_out = x.shape[-2], x.shape[-1]
+    pad_in, pad_out = (-n_in) % bi, (-n_out) % bo
+    if pad_in or pad_out:
+        x = ops.pad(x, [(0, 0)] * (len(x.shape) - 2) + [(0, pad_in), (0, pad_out)])
+    lead = tuple(x.shape[:-2])
+    return ops.reshape(x, lead + ((n_in + pad_in) // bi, bi, (n_out + pad_out) // bo, bo))
+
+
+def group_magnitudes(x, granularity="weight", block_shape=(4, 1)):
+    """Magnitude of each pruning group of a kernel `[..., in, out]`.
+
+    "weight": `|x|`; "block": L2 norm of each `block_shape` block of the
+    last two axes (zero-padded at the edges); "channel": L2 norm of each
+    output unit (all axes but the last).
+    """
+    if granularity == "weight":
+        return ops.abs(x)
+    if granularity == "channel":
+        return ops.sqrt(ops.sum(ops.square(x), axis=tuple(range(len(x.shape) - 1))))
+    blocks = _blocked(x, block_shape)
+    rank = len(blocks.shape)
+    return ops.sqrt(ops.sum(ops.square(blocks), axis=(rank - 3, rank - 1)))
+
+
+def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1)):
+    """Soft threshold applied to groups: `x_G * relu(1 - threshold / ||x_G||)`.
+
+    Each group shrinks by `threshold` in norm and is zeroed as a whole when
+    its norm is at most `threshold` (the proximal step of group lasso). With
+    `granularity="weight"` this is exactly `soft_threshold`; "block" groups
+    `block_shape` blocks of the last two (in, out) axes -- `(4, 1)` is
+    LiteRT's 1x4 sparse FULLY_CONNECTED block along the input axis --
+    and "channel" groups each output unit.
+
+    >>> w = keras.ops.array([[3.0, 0.1], [4.0, 0.1]])
+    >>> group_soft_threshold(w, 1.0, "channel")  # column norms 5 and 0.14
+    [[2.4, 0.0], [3.2, 0.0]]  # approximately
+    """
+    if granularity == "weight":
+        return soft_threshold(x, threshold)
+    if granularity == "channel":
+        norms = group_magnitudes(x, "channel")
+        return x * ops.relu(1.0 - threshold / ops.maximum(norms, 1e-12))
+    n_in, n_out = x.shape[-2], x.shape[-1]
+    blocks = _blocked(x, block_shape)
+    rank = len(blocks.shape)
+    norms = ops.sqrt(ops.sum(ops.square(blocks), axis=(rank - 3, rank - 1), keepdims=True))
+    shrunk = blocks * ops.relu(1.0 - threshold / ops.maximum(norms, 1e-12))
+    padded_shape = tuple(x.shape[:-2]) + (blocks.shape[-4] * blocks.shape[-3], blocks.shape[-2] * blocks.shape[-1])
+    return ops.reshape(shrunk, padded_shape)[..., :n_in, :n_out]
 
 
 def topk_mask(scores, k, method="histogram"):

@@ -181,6 +181,7 @@ def strip(model):
     """
     if hasattr(model, "stripped_layer") and not isinstance(model, keras.Model):
         return model.stripped_layer()
+    shrink = [w.layer.name for w in wrappers(model) if getattr(w, "granularity", None) == "channel"]
     baked = set()
 
     def replace(layer):
@@ -197,7 +198,42 @@ def strip(model):
         if id(new) not in baked:
             transfer_weights(old, new)
 
-    return map_layers(model, replace, transfer=transfer)
+    plain = map_layers(model, replace, transfer=transfer)
+    return remove_zero_channels(plain, shrink) if shrink else plain
+
+
+def remove_zero_channels(model, names=None):
+    """Physically remove output channels whose kernel column is all zero.
+
+    Such a channel outputs a constant (its bias through the following
+    layers); that constant's contribution is folded into the next layer's
+    bias, so outputs are unchanged (up to zero-padded borders of a 'same'
+    convolution consumer). Layers outside `channel_chains` keep their
+    zeros. `names` limits the layers considered (default: all).
+    """
+    import numpy as np
+    from keras import ops
+    from keras.src.ops.function import Function
+
+    chains, _ = channel_chains(model)
+    keep, shift = {}, {}
+    for name, chain in chains.items():
+        if names is not None and name not in names:
+            continue
+        kernel = ops.convert_to_numpy(chain.layer.kernel)
+        alive = np.flatnonzero(np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0))
+        if len(alive) == chain.width:
+            continue
+        if len(alive) == 0:
+            alive = np.array([0])  # keep one channel: a layer with no output cannot be built
+        source = chain.flatten.input if chain.flatten is not None else chain.consumer.input
+        probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype)
+        h = ops.convert_to_numpy(Function(model.inputs, source)([probe]))
+        contributions = channel_contributions(h, chain.consumer, chain.flatten)
+        dead = np.setdiff1d(np.arange(chain.width), alive)
+        keep[name] = alive
+        shift[name] = contributions[dead].mean(axis=1).sum(axis=0).astype("float32")
+    return prune_channels(model, keep, bias_shift=shift) if keep else model
 
 
 # -- channel surgery: remove output units/filters and slice what follows -----
@@ -302,6 +338,39 @@ def channel_chains(model):
     return chains, left_alone
 
 
+def channel_contributions(h, consumer, flatten, max_elements=20_000_000):
+    """Each input channel's contribution to `consumer`'s pre-activation.
+
+    `h` is the consumer's input (before `flatten` if there is one), as NumPy.
+    Returns an array `(channels, samples x positions, consumer outputs)`;
+    summed over channels it is the consumer's pre-activation without bias.
+    """
+    import numpy as np
+    from keras import ops
+
+    kernel = ops.convert_to_numpy(consumer.kernel).astype("float32")
+    if isinstance(consumer, keras.layers.Dense):
+        if flatten is not None:
+            n = h.shape[-1]
+            h = h.reshape(len(h), -1, n)  # (B, P, N)
+            w = kernel.reshape(h.shape[1], n, -1)  # (P, N, M)
+            return np.einsum("bpn,pnm->nbm", h, w, optimize=True)
+        n = h.shape[-1]
+        h = h.reshape(-1, n)
+        return h.T[:, :, None] * kernel[:, None, :]  # (N, B', M)
+    # Convolution: a depthwise conv with the consumer's kernel gives each input
+    # channel's contribution to every output channel separately.
+    n, out = kernel.shape[-2], kernel.shape[-1]
+    positions = max(1, int(np.prod(h.shape[1:-1])))
+    keep = max(1, min(len(h), max_elements // max(1, n * out * positions)))
+    h = h[:keep]
+    y = ops.convert_to_numpy(ops.depthwise_conv(
+        h, kernel, strides=consumer.strides, padding=consumer.padding,
+        dilation_rate=consumer.dilation_rate))
+    y = y.reshape(len(h), -1, n, out)  # (B, L', N, Cout)
+    return np.transpose(y, (2, 0, 1, 3)).reshape(n, -1, out)
+
+
 def prune_channels(model, keep, input_scale=None, bias_shift=None):
     """Return a smaller copy of `model` keeping only the channels in `keep`.
 
@@ -374,3 +443,37 @@ def prune_channels(model, keep, input_scale=None, bias_shift=None):
         new.set_weights(weights)
 
     return map_layers(model, replace, transfer=transfer)
+
+
+def remove_zero_channels(model, names=None):
+    """Physically remove output channels whose kernel column is all zero.
+
+    Such a channel outputs a constant (its bias through the following
+    layers); that constant's contribution is folded into the next layer's
+    bias, so outputs are unchanged (up to zero-padded borders of a 'same'
+    convolution consumer). Layers outside `channel_chains` keep their
+    zeros. `names` limits the layers considered (default: all).
+    """
+    import numpy as np
+    from keras import ops
+    from keras.src.ops.function import Function
+
+    chains, _ = channel_chains(model)
+    keep, shift = {}, {}
+    for name, chain in chains.items():
+        if names is not None and name not in names:
+            continue
+        kernel = ops.convert_to_numpy(chain.layer.kernel)
+        alive = np.flatnonzero(np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0))
+        if len(alive) == chain.width:
+            continue
+        if len(alive) == 0:
+            alive = np.array([0])  # keep one channel: a layer with no output cannot be built
+        source = chain.flatten.input if chain.flatten is not None else chain.consumer.input
+        probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype)
+        h = ops.convert_to_numpy(Function(model.inputs, source)([probe]))
+        contributions = channel_contributions(h, chain.consumer, chain.flatten)
+        dead = np.setdiff1d(np.arange(chain.width), alive)
+        keep[name] = alive
+        shift[name] = contributions[dead].mean(axis=1).sum(axis=0).astype("float32")
+    return prune_channels(model, keep, bias_shift=shift) if keep else model

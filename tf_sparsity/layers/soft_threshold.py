@@ -11,6 +11,9 @@ from tf_sparsity import ops as sparse_ops
 from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 
 
+GRANULARITIES = ("weight", "block", "channel")
+
+
 @keras.saving.register_keras_serializable(package="tf_sparsity")
 class SoftThreshold(KernelWrapper):
     """Learns one pruning threshold for a layer's kernels (STR).
@@ -34,6 +37,12 @@ class SoftThreshold(KernelWrapper):
             sigmoid, g = 0.0067) start almost dense.
         weight_decay: coupled L2 coefficient on the kernels and on `s`.
         threshold_fn: "sigmoid", "exponential", or a serializable callable.
+        granularity: "weight" (the paper), "block" (groups of `block_shape`
+            along the kernel's last two axes, (in, out); the default (4, 1)
+            is LiteRT's 1x4 sparse FULLY_CONNECTED block, use (16, 1) for
+            int8) or "channel" (one group per output unit/filter; `strip`
+            then removes zeroed channels). Groups shrink by their L2 norm.
+        block_shape: block size for "block" granularity.
         learn_threshold: train `s` by the loss (the paper). False keeps `s`
             fixed, so thresholds move only with `offset`: with
             `TargetSparsity` all layers then share one threshold level and
@@ -51,12 +60,19 @@ class SoftThreshold(KernelWrapper):
     name_prefix = "str"
 
     def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
-                 learn_threshold=True, **kwargs):
+                 learn_threshold=True, granularity="weight", block_shape=(4, 1), **kwargs):
         if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
             raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a number >= 0; received {weight_decay!r}.")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}; received {granularity!r}.")
+        block_shape = tuple(block_shape)
+        if len(block_shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in block_shape):
+            raise ValueError(f"`block_shape` must be two integers >= 1 (input, output); received {block_shape!r}.")
         super().__init__(layer, **kwargs)
+        self.granularity = granularity
+        self.block_shape = block_shape
         self.s_init = float(s_init)
         self.weight_decay = float(weight_decay)
         self.threshold_fn = sparse_ops.get_threshold_fn(threshold_fn)
@@ -86,14 +102,20 @@ class SoftThreshold(KernelWrapper):
         return float(ops.convert_to_numpy(self.threshold()))
 
     def threshold_magnitudes(self):
-        """(magnitudes compared with the threshold, weights per magnitude), numpy."""
-        values = [np.abs(ops.convert_to_numpy(k)).ravel() for k in self.kernels]
-        return np.concatenate(values), 1
+        """(group magnitudes compared with the threshold, kernel entries per group), NumPy."""
+        magnitudes, sizes = [], []
+        for kernel in self.kernels:
+            m = ops.convert_to_numpy(sparse_ops.group_magnitudes(
+                ops.cast(kernel, "float32"), self.granularity, self.block_shape)).ravel()
+            magnitudes.append(m)
+            sizes.append(np.full(m.shape, int(np.prod(kernel.shape)) / max(1, m.size)))
+        return np.concatenate(magnitudes), np.concatenate(sizes)
 
     def effective_kernels(self):
         threshold = self.threshold()
         return [
-            sparse_ops.soft_threshold(ops.cast(kernel, "float32"), threshold)
+            sparse_ops.group_soft_threshold(ops.cast(kernel, "float32"), threshold,
+                                            self.granularity, self.block_shape)
             for kernel in self.kernels
         ]
 
@@ -112,5 +134,7 @@ class SoftThreshold(KernelWrapper):
             weight_decay=self.weight_decay,
             threshold_fn=sparse_ops.serialize_threshold_fn(self.threshold_fn),
             learn_threshold=self.learn_threshold,
+            granularity=self.granularity,
+            block_shape=list(self.block_shape),
         )
         return config

@@ -67,31 +67,6 @@ def _budgets(model, chains, width, flops):
     return {n: max(1, round(width * c.width)) for n, c in chains.items()}
 
 
-def _contributions(h, consumer, flatten, max_elements=20_000_000):
-    """Per-channel contributions to `consumer`'s pre-activation: array (N, samples, out)."""
-    kernel = ops.convert_to_numpy(consumer.kernel).astype("float32")
-    if isinstance(consumer, keras.layers.Dense):
-        if flatten is not None:
-            n = h.shape[-1]
-            h = h.reshape(len(h), -1, n)  # (B, P, N)
-            w = kernel.reshape(h.shape[1], n, -1)  # (P, N, M)
-            return np.einsum("bpn,pnm->nbm", h, w, optimize=True)
-        n = h.shape[-1]
-        h = h.reshape(-1, n)
-        return h.T[:, :, None] * kernel[:, None, :]  # (N, B', M)
-    # Convolution: a depthwise conv with the consumer's kernel gives each input
-    # channel's contribution to every output channel separately.
-    n, out = kernel.shape[-2], kernel.shape[-1]
-    positions = max(1, int(np.prod(h.shape[1:-1])))
-    keep = max(1, min(len(h), max_elements // max(1, n * out * positions)))
-    h = h[:keep]
-    y = ops.convert_to_numpy(ops.depthwise_conv(
-        h, kernel, strides=consumer.strides, padding=consumer.padding,
-        dilation_rate=consumer.dilation_rate))
-    y = y.reshape(len(h), -1, n, out)  # (B, L', N, Cout)
-    return np.transpose(y, (2, 0, 1, 3)).reshape(n, -1, out)
-
-
 class _LocalFit:
     """Least squares of the full contribution by a subset of channels, in Gram form."""
 
@@ -265,7 +240,7 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         chain = surgery.channel_chains(current)[0][name]
         head, tail = _sub_models(current, chain)
         h = ops.convert_to_numpy(head([batch])).astype("float32")
-        fit = _LocalFit(_contributions(h, chain.consumer, chain.flatten))
+        fit = _LocalFit(surgery.channel_contributions(h, chain.consumer, chain.flatten))
         results = {}
         if objective in ("local", "auto") or tail is None:
             results["local"] = _select_local(fit, budgets[name], tolerance, candidates, rng)

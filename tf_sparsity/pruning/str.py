@@ -6,7 +6,7 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
-                   learn_threshold=True):
+                   learn_threshold=True, granularity="weight", block_shape=(4, 1)):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -26,6 +26,11 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             selecting prunable layers to leave dense.
         learn_threshold: train each layer's threshold logit (the paper's
             STR); False keeps it fixed (see `SoftThreshold`).
+        granularity: "weight" (the paper), "block" (`block_shape` blocks of
+            the kernel's (in, out) axes: (4, 1) = LiteRT's fast 1x4 float FC
+            blocks, (16, 1) for int8) or "channel" (whole output units;
+            `tfs.strip` then returns a physically smaller model).
+        block_shape: see `granularity`.
 
     Example:
 
@@ -40,7 +45,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         model,
         lambda layer: SoftThreshold(
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
-            learn_threshold=learn_threshold,
+            learn_threshold=learn_threshold, granularity=granularity, block_shape=block_shape,
         ),
         skip=skip,
     )
