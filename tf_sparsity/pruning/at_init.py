@@ -132,11 +132,12 @@ class _Pruner:
             return [h * k * m for h, k, m in zip(hg, self.kernels, self.masks)]
         return self._data_gradients(run)
 
-    def _build_synflow(self, dtype="float32"):
+    def _build_synflow(self, dtype="float64"):
         # A copy of the network with |theta| everywhere, normalization in
-        # inference mode. Products of weights along paths can overflow
-        # float32 in deep nets: `_synflow` checks and rebuilds in float64.
-        self._synflow_dtype = dtype
+        # inference mode, in float64: path products overflow float32 in deep
+        # nets, and near the compression ceiling float32 rounding of the
+        # tiny/huge scores broke the last surviving paths (VGG-16-bn
+        # collapsed at 10^5.9 in float32, not at 10^5.95 in float64).
         plain = surgery.strip(self.model)
 
         def with_dtype(layer):
@@ -169,13 +170,7 @@ class _Pruner:
         self._synflow_fn = score
 
     def _synflow(self):
-        total, scores = self._synflow_fn(list(self.masks))
-        if self._synflow_dtype == "float32" and not (
-            np.isfinite(float(total)) and float(total) < 1e30
-            and all(bool(tf.reduce_all(tf.math.is_finite(s))) for s in scores)
-        ):
-            self._build_synflow("float64")
-            total, scores = self._synflow_fn(list(self.masks))
+        _, scores = self._synflow_fn(list(self.masks))
         return scores
 
     # -- the pruning loop ---------------------------------------------------
