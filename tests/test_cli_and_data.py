@@ -77,3 +77,40 @@ def test_example_str_quick(tmp_path):
     assert "at sparsity 0.8" in run.stdout
     loaded = keras.models.load_model(tmp_path / "plain.keras")
     assert abs(tfs.sparsity(loaded) - 0.8) <= 0.01
+
+
+@pytest.fixture()
+def cli_files(tmp_path, mnist1d_data):
+    (x, y), (xt, yt) = mnist1d_data
+    np.savez(tmp_path / "data.npz", x=x[:512], y=y[:512], x_test=xt[:256], y_test=yt[:256])
+    tfs.zoo.mnist1d_cnn(filters=8, hidden=32).save(tmp_path / "model.keras")
+    return tmp_path
+
+
+@pytest.mark.parametrize("method, extra", [("str", ["--sparsity", "0.8"]), ("synflow", ["--sparsity", "0.9"]),
+                                           ("greedy", ["--flops", "0.5", "--finetune-steps", "5"])])
+def test_prune_command(method, extra, cli_files, capsys):
+    out = cli_files / f"{method}.keras"
+    code = cli.main(["prune", str(cli_files / "model.keras"), "--method", method, "--data",
+                     str(cli_files / "data.npz"), "-o", str(out), "--epochs", "1", "--from-logits", "--quiet",
+                     *extra])
+    assert code == 0, capsys.readouterr().err
+    pruned = keras.models.load_model(out)
+    report = tfs.summary(pruned, print_fn=None)
+    if method == "greedy":
+        assert report.flops < tfs.summary(keras.models.load_model(cli_files / "model.keras"), print_fn=None).flops
+    else:
+        target = 0.8 if method == "str" else 0.9
+        assert abs(report.sparsity - target) <= 0.01
+    assert not tfs.surgery.wrappers(pruned)  # stripped
+
+
+def test_prune_command_errors(cli_files, capsys):
+    base = ["prune", str(cli_files / "model.keras"), "-o", str(cli_files / "o.keras")]
+    assert cli.main(base + ["--method", "str", "--data", str(cli_files / "nope.npz")]) == 2
+    assert "--data file not found" in capsys.readouterr().err
+    np.savez(cli_files / "bad.npz", a=np.zeros(3))
+    assert cli.main(base + ["--method", "str", "--data", str(cli_files / "bad.npz")]) == 2
+    assert "lacks array(s) ['x', 'y']" in capsys.readouterr().err
+    assert cli.main(base + ["--method", "str", "--data", str(cli_files / "data.npz"), "--sparsity", "2"]) == 2
+    assert "--sparsity must be in (0, 1)" in capsys.readouterr().err
