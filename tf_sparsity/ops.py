@@ -65,45 +65,48 @@ def _blocked(x, block_shape):
 
 
 def group_magnitudes(x, granularity="weight", block_shape=(4, 1)):
-    """Magnitude of each pruning group of a kernel `[..., in, out]`.
+    """Magnitude of each pruning group of a kernel `[..., in, out]`: its RMS.
 
-    "weight": `|x|`; "block": L2 norm of each `block_shape` block of the
-    last two axes (zero-padded at the edges); "channel": L2 norm of each
-    output unit (all axes but the last).
+    "weight": `|x|`; "block": RMS of each `block_shape` block of the last
+    two axes (zero-padded at the edges); "channel": RMS of each output unit
+    (all axes but the last). RMS, not the L2 norm, so that groups of
+    different sizes (a 5-tap filter and a 640-input unit) meet one threshold
+    on equal terms -- the sqrt(group size) weighting of group lasso.
     """
     if granularity == "weight":
         return ops.abs(x)
     if granularity == "channel":
-        return ops.sqrt(ops.sum(ops.square(x), axis=tuple(range(len(x.shape) - 1))))
+        return ops.sqrt(ops.mean(ops.square(x), axis=tuple(range(len(x.shape) - 1))))
     blocks = _blocked(x, block_shape)
     rank = len(blocks.shape)
-    return ops.sqrt(ops.sum(ops.square(blocks), axis=(rank - 3, rank - 1)))
+    return ops.sqrt(ops.mean(ops.square(blocks), axis=(rank - 3, rank - 1)))
 
 
 def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1)):
-    """Soft threshold applied to groups: `x_G * relu(1 - threshold / ||x_G||)`.
+    """Soft threshold applied to groups: `x_G * relu(1 - threshold / rms(x_G))`.
 
-    Each group shrinks by `threshold` in norm and is zeroed as a whole when
-    its norm is at most `threshold` (the proximal step of group lasso). With
+    Each group shrinks by `threshold * sqrt(|G|)` in L2 norm and is zeroed as
+    a whole when its RMS is at most `threshold` (the proximal step of group
+    lasso with the usual sqrt(group size) weights). With
     `granularity="weight"` this is exactly `soft_threshold`; "block" groups
     `block_shape` blocks of the last two (in, out) axes -- `(4, 1)` is
     LiteRT's 1x4 sparse FULLY_CONNECTED block along the input axis --
     and "channel" groups each output unit.
 
     >>> w = keras.ops.array([[3.0, 0.1], [4.0, 0.1]])
-    >>> group_soft_threshold(w, 1.0, "channel")  # column norms 5 and 0.14
-    [[2.4, 0.0], [3.2, 0.0]]  # approximately
+    >>> group_soft_threshold(w, 1.0, "channel")  # column RMS 3.54 and 0.1
+    [[2.15, 0.0], [2.87, 0.0]]  # approximately
     """
     if granularity == "weight":
         return soft_threshold(x, threshold)
     if granularity == "channel":
-        norms = group_magnitudes(x, "channel")
-        return x * ops.relu(1.0 - threshold / ops.maximum(norms, 1e-12))
+        rms = group_magnitudes(x, "channel")
+        return x * ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
     n_in, n_out = x.shape[-2], x.shape[-1]
     blocks = _blocked(x, block_shape)
     rank = len(blocks.shape)
-    norms = ops.sqrt(ops.sum(ops.square(blocks), axis=(rank - 3, rank - 1), keepdims=True))
-    shrunk = blocks * ops.relu(1.0 - threshold / ops.maximum(norms, 1e-12))
+    rms = ops.sqrt(ops.mean(ops.square(blocks), axis=(rank - 3, rank - 1), keepdims=True))
+    shrunk = blocks * ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
     padded_shape = tuple(x.shape[:-2]) + (blocks.shape[-4] * blocks.shape[-3], blocks.shape[-2] * blocks.shape[-1])
     return ops.reshape(shrunk, padded_shape)[..., :n_in, :n_out]
 
