@@ -6,6 +6,9 @@ layers and weight copying are handled in one place.
 """
 
 import keras
+import numpy as np
+from keras import ops
+from keras.src.ops.function import Function
 from keras.src.saving import serialization_lib
 
 from tf_sparsity import prunable
@@ -202,40 +205,6 @@ def strip(model):
     return remove_zero_channels(plain, shrink) if shrink else plain
 
 
-def remove_zero_channels(model, names=None):
-    """Physically remove output channels whose kernel column is all zero.
-
-    Such a channel outputs a constant (its bias through the following
-    layers); that constant's contribution is folded into the next layer's
-    bias, so outputs are unchanged (up to zero-padded borders of a 'same'
-    convolution consumer). Layers outside `channel_chains` keep their
-    zeros. `names` limits the layers considered (default: all).
-    """
-    import numpy as np
-    from keras import ops
-    from keras.src.ops.function import Function
-
-    chains, _ = channel_chains(model)
-    keep, shift = {}, {}
-    for name, chain in chains.items():
-        if names is not None and name not in names:
-            continue
-        kernel = ops.convert_to_numpy(chain.layer.kernel)
-        alive = np.flatnonzero(np.any(kernel.reshape(-1, kernel.shape[-1]) != 0, axis=0))
-        if len(alive) == chain.width:
-            continue
-        if len(alive) == 0:
-            alive = np.array([0])  # keep one channel: a layer with no output cannot be built
-        source = chain.flatten.input if chain.flatten is not None else chain.consumer.input
-        probe = np.zeros((1,) + tuple(model.inputs[0].shape[1:]), model.inputs[0].dtype)
-        h = ops.convert_to_numpy(Function(model.inputs, source)([probe]))
-        contributions = channel_contributions(h, chain.consumer, chain.flatten)
-        dead = np.setdiff1d(np.arange(chain.width), alive)
-        keep[name] = alive
-        shift[name] = contributions[dead].mean(axis=1).sum(axis=0).astype("float32")
-    return prune_channels(model, keep, bias_shift=shift) if keep else model
-
-
 # -- channel surgery: remove output units/filters and slice what follows -----
 
 # Layers a channel passes through unchanged, one channel in -> same channel out.
@@ -345,9 +314,6 @@ def channel_contributions(h, consumer, flatten, max_elements=20_000_000):
     Returns an array `(channels, samples x positions, consumer outputs)`;
     summed over channels it is the consumer's pre-activation without bias.
     """
-    import numpy as np
-    from keras import ops
-
     kernel = ops.convert_to_numpy(consumer.kernel).astype("float32")
     if isinstance(consumer, keras.layers.Dense):
         if flatten is not None:
@@ -386,8 +352,6 @@ def prune_channels(model, keep, input_scale=None, bias_shift=None):
     BatchNormalization layers and the next layer's input kernel are sliced.
     With every channel kept and no scaling it equals the original exactly.
     """
-    import numpy as np
-
     chains, left_alone = channel_chains(model)
     input_scale = input_scale or {}
     bias_shift = bias_shift or {}
@@ -454,10 +418,6 @@ def remove_zero_channels(model, names=None):
     convolution consumer). Layers outside `channel_chains` keep their
     zeros. `names` limits the layers considered (default: all).
     """
-    import numpy as np
-    from keras import ops
-    from keras.src.ops.function import Function
-
     chains, _ = channel_chains(model)
     keep, shift = {}, {}
     for name, chain in chains.items():
