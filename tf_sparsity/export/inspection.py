@@ -11,7 +11,6 @@ import os
 import numpy as np
 
 from tf_sparsity.export import flatbuffer, targets
-from tf_sparsity.export.errors import InvalidModelError
 
 
 @dataclasses.dataclass
@@ -46,7 +45,7 @@ class SparseInfo:
     @property
     def native(self):
         """True when the consuming kernel reads the sparse form (no DENSIFY)."""
-        return self.consumer != "DENSIFY"
+        return self.consumer in flatbuffer.SPARSE_KERNELS
 
     def to_dict(self):
         return {"block": list(self.block), "layout": self.layout, "stored_values": self.stored_values,
@@ -66,8 +65,8 @@ class TensorInfo:
     dtype: str
     constant: bool
     bytes: int  # bytes stored in the file (0 for activations)
-    quantization: dict | None
-    sparsity: SparseInfo | None
+    quantization: dict | None = dataclasses.field(repr=False)
+    sparsity: SparseInfo | None = None
 
     @property
     def dynamic(self):
@@ -312,7 +311,8 @@ class ModelInfo:
                 s = t.sparsity
                 lines.append(f"    {t.name} {t.dtype}{list(t.shape)}: {s.layout}, {s.stored_bytes:,} of "
                              f"{s.dense_bytes:,} dense bytes, read by {s.consumer}"
-                             + ("" if s.native else " (expanded at load: no speed-up)"))
+                             + ("" if s.native else " (expanded at load: no speed-up)"
+                                if s.consumer == "DENSIFY" else " (a kernel that cannot read it sparse!)"))
         big = sorted((t for t in self.tensors if t.constant), key=lambda t: -t.bytes)[:5]
         if big:
             lines.append("  largest constants: " + ", ".join(f"{t.name} {t.dtype}{list(t.shape)} {t.bytes:,} B" for t in big))
@@ -339,7 +339,7 @@ def inspect(model):
     >>> info = tfs.export.inspect(tfs.export.convert(m, verify=False).tflite)
     >>> info.op_counts["FULLY_CONNECTED"], info.verdict("litert").ok
     (1, True)
-    >>> tfs.export.inspect(b"not a model")
+    >>> tfs.export.inspect(b"not a model")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     tf_sparsity.export.errors.InvalidModelError: not a TFLite model: ...
@@ -378,6 +378,21 @@ def check(info, target):
             if problem:
                 problems.append(problem)
                 continue
+            for i in op.inputs:
+                t = g.tensors[i] if i >= 0 else None
+                if t is not None and t.sparsity is not None and op.name not in ("DENSIFY",) + tuple(
+                        flatbuffer.SPARSE_KERNELS):
+                    problems.append(Problem(
+                        f"reads sparse tensor '{t.name}' but has no sparse kernel: it would read the "
+                        "packed values as dense (wrong outputs); re-export with sparse='auto'",
+                        op.name, op.index, g.index))
+            if op.name == "FULLY_CONNECTED" and len(op.inputs) > 1 and op.inputs[1] >= 0:
+                w, a = g.tensors[op.inputs[1]], g.tensors[op.inputs[0]]
+                if w.sparsity is not None and w.dtype in _INT8 and a.dtype == "float32":
+                    problems.append(Problem(
+                        "dynamic-range FULLY_CONNECTED (float input, int8 weights) with sparse weights: "
+                        "LiteRT computes wrong outputs from it (measured); re-export with "
+                        "sparse='auto'", op.name, op.index, g.index))
             if op.name == "DENSIFY" and not op.custom:
                 dtype = g.tensors[op.outputs[0]].dtype
                 if not spec.sparse:
@@ -397,8 +412,9 @@ def check(info, target):
     if spec.static_shapes:
         for t in info.inputs + info.outputs:
             if t.dynamic:
-                problems.append(Problem(f"tensor '{t.name}' has a dynamic shape {list(t.shape_signature)}; "
-                                        f"{spec.name} needs static shapes (export with batch_size=1)"))
+                # TFLM ignores the signature and allocates the stored shape.
+                warnings.append(f"tensor '{t.name}' has a dynamic shape {list(t.shape_signature)}; "
+                                f"{spec.name} uses the stored shape {list(t.shape)} (export with batch_size=1)")
     if target == "tflm":
         floats = sorted({op.name for g in info.graphs for op in g.ops
                          if any(g.tensors[i].dtype == "float32" for i in op.outputs if i >= 0)})

@@ -71,7 +71,7 @@ class ExportReport:
             lines.append("  verification: " + _kv(self.verification))
         if self.tflm:
             lines.append("  tflite-micro: " + _kv(self.tflm))
-        if self.compression:
+        if self.compression.get("method") or self.compression.get("candidates"):
             lines.append("  compression: " + _kv({k: v for k, v in self.compression.items() if k != "candidates"}))
             for c in self.compression.get("candidates", []):
                 lines.append(f"    {c['name']}: {c['distinct_values']} distinct values/"

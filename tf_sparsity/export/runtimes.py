@@ -7,9 +7,11 @@ returns numpy arrays in the model's own I/O dtypes; `quantize` /
 
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -110,6 +112,7 @@ def captured_stderr():
     except OSError:  # no real fd 2 (some embedded interpreters): nothing to capture
         yield box
         return
+    sys.stderr.flush()  # keep Python's own buffered text out of (and in order around) the capture
     with tempfile.TemporaryFile(mode="w+b") as sink:
         os.dup2(sink.fileno(), 2)
         try:
@@ -138,7 +141,7 @@ def run_tflm(tflite, samples, arena_size, interpreter=None):
         try:
             interpreter = interpreter or tflm_interpreter(tflite, arena_size)
             n_in = len(samples[0]) if samples else 0
-            n_out = _tflm_output_count(tflite)
+            n_out = _io_counts(tflite)[1]
             details = [interpreter.get_input_details(i) for i in range(n_in)]
             results = []
             for sample in samples:
@@ -155,57 +158,147 @@ def run_tflm(tflite, samples, arena_size, interpreter=None):
     return results
 
 
-def _tflm_output_count(tflite):
+def _io_counts(tflite):
+    """(number of inputs, number of outputs) of the main subgraph."""
+    from tf_sparsity.export import flatbuffer
+
+    main = flatbuffer.read(tflite).subgraphs[0]
+    return len(main.inputs), len(main.outputs)
+
+
+_ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
+
+# Probes arenas in a child process: a too-small arena can crash tflite-micro
+# (segfault) instead of raising, which must not take the caller down. The
+# child prints each probe before and after running it, so the parent knows
+# which size crashed and can restart the search without it.
+_SEARCH = """
+import sys, numpy as np
+from tflite_micro.python.tflite_micro import runtime
+model = open(sys.argv[1], "rb").read()
+sample = np.load(sys.argv[2], allow_pickle=False)
+names = sorted(sample.files, key=lambda n: int(n[1:]))
+low, high, step = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+
+def works(size):
+    print("try", size, flush=True)
+    try:
+        interpreter = runtime.Interpreter.from_bytes(model, arena_size=size)
+        for i, name in enumerate(names):
+            interpreter.set_input(sample[name], i)
+        interpreter.invoke()
+    except RuntimeError:
+        print("fail", size, flush=True)
+        return False
+    print("ok", size, flush=True)
+    return True
+
+while not works(high):
+    low, high = high, high * 2
+while high - low > step:
+    mid = (low + high) // 2
+    if works(mid):
+        high = mid
+    else:
+        low = mid
+"""
+
+
+def generous_arena(tflite):
+    """An arena surely large enough: 2x all activations + slack.
+
+    tflite-micro's Python interpreter crashes the process (segfault) on
+    some models when the arena is too small instead of raising, so
+    in-process runs must never probe small arenas.
+    """
     from tf_sparsity.export import flatbuffer
 
     model = flatbuffer.read(tflite)
-    return len(model.subgraphs[0].outputs)
+    activations = 0
+    for sub in model.subgraphs:
+        for t in sub.tensors or []:
+            if not (t.buffer and flatbuffer.buffer_bytes(model, t.buffer, tflite)):
+                dtype = flatbuffer.numpy_dtype(t.type)
+                size = int(np.prod(t.shape)) if t.shape is not None and len(t.shape) else 1
+                activations += size * (np.dtype(dtype).itemsize if dtype is not None else 8)
+    return 2 * activations + len(tflite) // 4 + (1 << 20)
 
 
-def tflm_arena_bytes(tflite, sample, granularity=16, limit=512 * 1024 * 1024):
+def tflm_arena_bytes(tflite, sample, granularity=1):
     """Smallest tensor arena (bytes) in which tflite-micro loads *and* runs the model.
 
-    Found by doubling then bisecting on real interpreter instances (each
-    attempt allocates every tensor and runs `sample` once). Measured on this
-    64-bit host: 32-bit microcontrollers need slightly less (smaller structs).
-    Raises `VerificationError` (with TFLM's log) when no arena up to `limit`
-    works, e.g. an op TFLM does not register.
+    Starts from the interpreter's own RecordingMicroAllocator total after one
+    inference in a generous arena ("Arena allocation total"; measured here
+    to fall short of the real minimum by up to ~10%: temporary allocations
+    during Prepare are not in it), then bisects with real interpreter
+    instances, each loading every tensor and running `sample`, in a child
+    process. Measured on this 64-bit host: 32-bit microcontrollers need
+    slightly less (smaller structs). Raises `VerificationError` with TFLM's
+    log when the model does not run at all (e.g. an op it cannot prepare).
     """
-    def works(size):
+    size = generous_arena(tflite)
+    with captured_stderr() as log:
         try:
-            run_tflm(tflite, [sample], size)
-            return True
-        except VerificationError:
-            return False
+            interpreter = tflm_interpreter(tflite, size)
+            for i, x in enumerate(sample):
+                d = interpreter.get_input_details(i)
+                interpreter.set_input(np.asarray(x, d["dtype"]).reshape(d["shape"]), i)
+            interpreter.invoke()
+            interpreter.print_allocations()
+            failure = None
+        except RuntimeError as error:
+            failure = error
+    text = log[0] if log else ""
+    if failure is not None:
+        raise VerificationError(f"tflite-micro could not run the model: {failure}\n{text.strip()}")
+    match = _ARENA_TOTAL.search(text)
+    recorded = int(match.group(1)) if match else size // 2
+    low, high = recorded // 2, recorded
+    with tempfile.TemporaryDirectory() as tmp:
+        model_path, sample_path = os.path.join(tmp, "m.tflite"), os.path.join(tmp, "x.npz")
+        with open(model_path, "wb") as f:
+            f.write(tflite)
+        sample_items = {f"x{i}": np.asarray(x, interpreter.get_input_details(i)["dtype"])
+                        .reshape(interpreter.get_input_details(i)["shape"]) for i, x in enumerate(sample)}
+        np.savez(sample_path, **sample_items)
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        for _ in range(20):  # restarts after crashes; each removes one size
+            proc = subprocess.run(
+                [sys.executable, "-c", _SEARCH, model_path, sample_path, str(low), str(high), str(granularity)],
+                capture_output=True, text=True, timeout=600, env=env)
+            tried = None
+            for line in proc.stdout.split("\n"):
+                parts = line.split()
+                if len(parts) != 2:
+                    continue
+                kind, value = parts[0], int(parts[1])
+                if kind == "try":
+                    tried = value
+                elif kind == "ok":
+                    high, tried = value, None
+                elif kind == "fail":
+                    low, tried = value, None
+            if proc.returncode == 0:
+                return high
+            if tried is None:  # failed before probing anything: fall back to a safe value
+                break
+            if tried >= high:  # crashed while growing: the crashing size is too small
+                low, high = tried, tried * 2
+            else:
+                low = tried
+            if high - low <= granularity:
+                return high
+    return max(high, recorded)
 
-    low, high = 0, max(4096, len(tflite) // 8)
-    while not works(high):
-        if high >= limit:
-            run_tflm(tflite, [sample], limit)  # raises with TFLM's own message
-        low, high = high, min(high * 4, limit)
-    while high - low > granularity:
-        mid = (low + high) // 2
-        if works(mid):
-            high = mid
-        else:
-            low = mid
-    return high
 
-
-def time_tflm(tflite, arena_size, runs=100, warmup=5):
+def time_tflm(tflite, runs=100, warmup=5):
     """Median seconds of one tflite-micro `invoke()` (host build, Python-driven)."""
     with captured_stderr():
-        interpreter = tflm_interpreter(tflite, arena_size)
-        for i in range(len(flatbuffer_inputs(tflite))):
+        interpreter = tflm_interpreter(tflite, generous_arena(tflite))
+        for i in range(_io_counts(tflite)[0]):
             d = interpreter.get_input_details(i)
             interpreter.set_input(np.zeros(d["shape"], d["dtype"]), i)
         return _median_time(interpreter.invoke, runs, warmup)
-
-
-def flatbuffer_inputs(tflite):
-    from tf_sparsity.export import flatbuffer
-
-    return flatbuffer.read(tflite).subgraphs[0].inputs
 
 
 # --------------------------------------------------------------------------
