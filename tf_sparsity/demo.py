@@ -1,82 +1,148 @@
-"""`tf-sparsity demo`: every method on MNIST-1D, one comparison table."""
+"""`tf-sparsity demo`: every method on MNIST-1D, exported to every target, one table."""
 
 import json
 import pathlib
 import time
 
 import keras
+import numpy as np
 
-from tf_sparsity import callbacks, datasets, plots, zoo
+from tf_sparsity import callbacks, datasets, export, plots, zoo
 from tf_sparsity.experiments import train_classifier
+from tf_sparsity.export import runtimes
+from tf_sparsity.optimizers import GlobalSparseMomentum, final_prune
+from tf_sparsity.pruning.at_init import prune_at_init
+from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
 from tf_sparsity.summary import summary
+from tf_sparsity.surgery import strip
+
+
+def _methods(quick, epochs, steps_per_epoch):
+    """(name, target, build) triples; `build(dense)` returns (model, train kwargs, finish)."""
+    targets = [0.9] if quick else [0.9, 0.95, 0.98]
+
+    def str_run(target, learn, granularity="weight"):
+        def build(dense):
+            model = soft_threshold(zoo.mnist1d_cnn(), weight_decay=5e-4, learn_threshold=learn,
+                                   granularity=granularity, block_shape=(4, 1))
+            return model, {"callbacks": [callbacks.TargetSparsity(target), callbacks.SparsityMonitor()]}, strip
+        return build
+
+    def gsm(dense):
+        schedule = keras.optimizers.schedules.CosineDecay(0.01, epochs * steps_per_epoch)
+        optimizer = GlobalSparseMomentum(schedule, momentum=0.99, target_sparsity=0.9)
+        return zoo.mnist1d_cnn(), {"optimizer": optimizer}, lambda m: final_prune(m) or m
+
+    def synflow(dense):
+        model = prune_at_init(zoo.mnist1d_cnn(weight_decay=5e-4), "synflow", compression=10, verbose=0)
+        return model, {}, strip
+
+    runs = [("dense", None, lambda dense: (dense, {}, lambda m: m))]
+    runs += [("str", t, str_run(t, False)) for t in targets]
+    runs += [("str-block1x4", 0.9, str_run(0.9, False, "block")), ("str-learned", 0.9, str_run(0.9, True)),
+             ("gsm", 0.9, gsm), ("synflow", 0.9, synflow)]
+    runs += [("greedy", None, None)]  # prunes the trained dense model, no training of its own
+    return runs
 
 
 def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
-    """Train a dense MNIST-1D CNN and its STR versions; write report.md, JSON and plots.
+    """Train dense / STR / GSM / SynFlow / greedy on MNIST-1D, export each for
+    litert, tflm and edgetpu, run them on the real runtimes; write report.md,
+    results.json and plots into `output`. Returns the results.
 
-    Returns the results dict. `quick` is a smoke run (4000 samples, 4 epochs).
+    `quick` is a smoke run (4000 samples, 4 epochs, one STR target).
     """
     out = pathlib.Path(output)
     out.mkdir(parents=True, exist_ok=True)
     samples = 4000 if quick else 10000
-    epochs = epochs or (4 if quick else 20)
-    targets = [0.9] if quick else [0.9, 0.95, 0.98]
+    epochs = epochs or (4 if quick else 15)
     train, test = datasets.mnist1d(num_samples=samples)
     say = print if verbose else (lambda *a, **k: None)
     say(f"MNIST-1D: {len(train[0])} train / {len(test[0])} test samples, {epochs} epochs per run")
-
-    runs = [("dense", None, None)] + [("str", t, False) for t in targets] + [("str-learned", targets[0], True)]
+    steps = int(np.ceil(len(train[0]) / 128))
+    runs = _methods(quick, epochs, steps)
     results, reports, histories = [], {}, {}
-    progress = keras.utils.Progbar(len(runs), verbose=verbose, unit_name="run")
-    for i, (method, target, learn) in enumerate(runs):
+    progress = keras.utils.Progbar(len(runs), verbose=verbose, unit_name="method")
+    dense = None
+    for i, (method, target, build) in enumerate(runs):
         start = time.perf_counter()
         keras.utils.set_random_seed(seed)
-        if method == "dense":
-            model = zoo.mnist1d_cnn(weight_decay=5e-4)
-            cbs = []
-        else:
-            model = soft_threshold(zoo.mnist1d_cnn(), weight_decay=5e-4, learn_threshold=learn)
-            cbs = [callbacks.TargetSparsity(target), callbacks.SparsityMonitor()]
-        result = train_classifier(model, train, test, epochs=epochs, callbacks=cbs, seed=seed)
-        report = summary(model, print_fn=None)
         label = method if target is None else f"{method}@{target:.2f}"
+        if method == "greedy":
+            plain = greedy_prune(dense, train[0][:2048], objective="local", flops=0.5,
+                                 finetune_steps=0 if quick else 300, verbose=0, batch_size=512)
+            plain.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+            accuracy = float(plain.evaluate(*test, verbose=0)[1])
+        else:
+            model, kwargs, finish = build(zoo.mnist1d_cnn(weight_decay=5e-4) if method == "dense" else dense)
+            result = train_classifier(model, train, test, epochs=epochs, **kwargs)
+            histories[label] = result["history"]
+            plain = finish(model)
+            if method == "dense":
+                dense = model
+            plain.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+            accuracy = float(plain.evaluate(*test, verbose=0)[1])
+        report = summary(plain, print_fn=None)
         reports[label] = report
-        histories[label] = result["history"]
-        results.append({
-            "method": method, "target": target, "accuracy": result["accuracy"],
-            "sparsity": report.sparsity, "params": report.params, "nonzeros": report.nonzeros,
-            "flops": report.flops, "effective_flops": report.effective_flops,
-            "seconds": time.perf_counter() - start, "summary": report.to_dict(),
-        })
-        progress.update(i + 1, values=[("acc", result["accuracy"])])
+        row = {"method": method, "target": target, "accuracy": accuracy, "sparsity": report.sparsity,
+               "params": report.params, "nonzeros": report.nonzeros, "prunable": report.prunable,
+               "flops": report.flops, "effective_flops": report.effective_flops,
+               "train_seconds": time.perf_counter() - start, "summary": report.to_dict()}
+        row.update(_export_all(plain, label, train[0], out))
+        results.append(row)
+        progress.update(i + 1, values=[("acc", accuracy)])
 
     table = _table(results)
     say("\n" + table)
-    best = max((r for r in results if r["method"] == "str"), key=lambda r: r["target"])
-    say("\n" + str(reports[f"str@{best['target']:.2f}"]))
-
-    plots.layer_sparsity_bars({k: v for k, v in reports.items() if k != "dense"}, out / "layer_sparsity.png")
+    best = f"str@{max(r['target'] for r in results if r['method'] == 'str'):.2f}"
+    say("\n" + str(reports[best]))
+    plots.layer_sparsity_bars({k: v for k, v in reports.items() if k.startswith(("str", "gsm", "synflow"))},
+                              out / "layer_sparsity.png")
     plots.accuracy_vs_sparsity(
-        {"STR (TargetSparsity)": [(r["sparsity"], r["accuracy"]) for r in results if r["method"] == "str"]},
+        {m: [(r["sparsity"], r["accuracy"]) for r in results if r["method"] == m]
+         for m in dict.fromkeys(r["method"] for r in results) if m not in ("dense", "greedy")},
         out / "accuracy_vs_sparsity.png", dense_accuracy=results[0]["accuracy"])
-    learned = next(k for k in histories if k.startswith("str-learned"))
-    plots.threshold_dynamics(histories[learned], out / "str_dynamics.png")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots.threshold_dynamics(histories["str-learned@0.90"], out / "str_dynamics.png")
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "report.md").write_text(
-        "# tf_sparsity demo (MNIST-1D)\n\n" + table + "\n\n```\n" + str(reports[f"str@{best['target']:.2f}"])
-        + "\n```\n\n![per-layer sparsity](layer_sparsity.png)\n![accuracy](accuracy_vs_sparsity.png)\n"
+        "# tf_sparsity demo (MNIST-1D)\n\n" + table + "\n\n"
+        "LiteRT: float, `sparse=\"auto\"`, single thread, median invoke. TFLM and EdgeTPU: full int8; "
+        "EdgeTPU is a preflight against Coral's op table (no compiler here).\n\n"
+        f"```\n{reports[best]}\n```\n\n"
+        "![per-layer sparsity](layer_sparsity.png)\n![accuracy](accuracy_vs_sparsity.png)\n"
         "![STR dynamics](str_dynamics.png)\n")
-    say(f"\nWrote {out / 'report.md'}, results.json and plots.")
+    say(f"\nWrote {out / 'report.md'}, results.json, .tflite files and plots.")
     return results
 
 
+def _export_all(model, label, x, out):
+    """Export one plain model to the three targets; measure on the runtimes."""
+    stem = label.replace("@", "_")
+    row = {}
+    litert = export.convert(model, target="litert", path=str(out / f"{stem}_litert.tflite"))
+    row["litert_bytes"] = litert.report.size_bytes
+    row["litert_us"] = runtimes.time_litert(litert.tflite, runs=200) * 1e6
+    row["litert_sparse_tensors"] = len(litert.report.sparse_tensors)
+    tflm = export.convert(model, target="tflm", quantize="int8", representative_data=x[:200],
+                          path=str(out / f"{stem}_tflm_int8.tflite"))
+    row["tflm_bytes"] = tflm.report.size_bytes
+    row["tflm_arena_bytes"] = tflm.report.tflm.get("arena_bytes")
+    edgetpu = export.convert(model, target="edgetpu", quantize="int8", representative_data=x[:200])
+    verdict = edgetpu.report.preflight
+    row["edgetpu_ok"] = bool(verdict is not None and not verdict.problems)
+    return row
+
+
 def _table(results):
-    lines = ["| method | target | accuracy | sparsity | nonzero / prunable weights | MACs (effective / dense) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | target | accuracy | sparsity | nonzero / prunable | MACs (effective / dense) | "
+             "LiteRT float bytes | LiteRT µs | TFLM int8 bytes | TFLM arena | EdgeTPU preflight |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         target = "-" if r["target"] is None else f"{r['target']:.2f}"
         lines.append(
             f"| {r['method']} | {target} | {r['accuracy'] * 100:.2f}% | {r['sparsity'] * 100:.1f}% | "
-            f"{r['nonzeros']:,} / {r['summary']['prunable']:,} | {r['effective_flops']:,} / {r['flops']:,} |")
+            f"{r['nonzeros']:,} / {r['prunable']:,} | {r['effective_flops']:,} / {r['flops']:,} | "
+            f"{r['litert_bytes']:,} | {r['litert_us']:.1f} | {r['tflm_bytes']:,} | "
+            f"{r['tflm_arena_bytes'] or '-':,} | {'pass' if r['edgetpu_ok'] else 'fails'} |")
     return "\n".join(lines)
