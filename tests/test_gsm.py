@@ -156,7 +156,7 @@ def test_magnitude_metric_and_ramp():
     model = tiny_model()
     variables = model.trainable_variables
     opt = GlobalSparseMomentum(0.0, momentum=0.0, weight_decay=0.0, compression=4, ramp_steps=4,
-                               metric="magnitude")
+                               metric="magnitude", count_every=1)
     totals = []
     for _ in range(6):
         opt.apply([tf.ones_like(v) for v in variables], variables)
@@ -206,6 +206,7 @@ def test_jit_compiled_step_falls_back_to_exact(mnist1d_data):
     (dict(compression=10, metric="snip"), "`metric`"),
     (dict(compression=10, ramp_steps=-1), "`ramp_steps`"),
     (dict(compression=10, pool=3), "`pool` must be None"),
+    (dict(compression=10, count_every=0), "`count_every`"),
 ])
 def test_bad_arguments_raise_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -238,14 +239,15 @@ def test_config_round_trip():
     schedule = keras.optimizers.schedules.CosineDecay(0.02, 100)
     opt = GlobalSparseMomentum(schedule, momentum=0.95, nesterov=True, weight_decay=1e-3,
                                target_sparsity=0.9, threshold_method="exact", metric="magnitude",
-                               ramp_steps=50, pool=[r"/kernel$"], clipnorm=1.0)
+                               ramp_steps=50, pool=[r"/kernel$"], count_every=3, clipnorm=1.0)
     config = opt.get_config()
     assert config["weight_decay"] == 1e-3 and opt.weight_decay is None  # coupled L2 lives in `l2`
     clone = GlobalSparseMomentum.from_config(config)
     assert clone.get_config() == config
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, GlobalSparseMomentum) and restored.get_config() == config
-    monitor = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(GSMMonitor(every_n_steps=5)))
+    config = keras.saving.serialize_keras_object(GSMMonitor(every_n_steps=5))
+    monitor = keras.saving.deserialize_keras_object(config)
     assert isinstance(monitor, GSMMonitor) and monitor.every_n_steps == 5
 
 

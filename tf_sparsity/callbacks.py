@@ -101,6 +101,10 @@ class SparsityMonitor(keras.callbacks.Callback):
     def get_config(self):
         return {"log_dir": self.log_dir, "check_every": self.check_every, "on_collapse": self.on_collapse}
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
 
 def polynomial_ramp(step, begin_step, end_step, power=3):
     """Fraction of the target reached at `step`: 0 at `begin_step`, 1 at `end_step`.
@@ -277,3 +281,7 @@ class TargetSparsity(keras.callbacks.Callback):
             "end_fraction": self.end_fraction, "update_every": self.update_every,
             "power": self.power, "on_collapse": self.on_collapse,
         }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

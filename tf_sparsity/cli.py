@@ -33,7 +33,8 @@ def _parser():
                        help="fraction of dense MACs to keep (greedy, l1); default 0.5")
     prune.add_argument("--epochs", type=int, default=10, help="training epochs (0 = no training)")
     prune.add_argument("--batch-size", type=int, default=128)
-    prune.add_argument("--learning-rate", type=float, default=0.1)
+    prune.add_argument("--learning-rate", type=float, default=None,
+                       help="default 0.1 (SGD-Nesterov 0.9), 0.02 for gsm (momentum 0.99, coupled L2 5e-3)")
     prune.add_argument("--loss", default="sparse_categorical_crossentropy", help="a Keras loss name")
     prune.add_argument("--from-logits", action="store_true", help="the model outputs logits")
     prune.add_argument("--finetune-steps", type=int, default=300, help="greedy / l1 imitation fine-tune steps")
@@ -114,8 +115,9 @@ def _prune(args):
         from tf_sparsity.optimizers import GlobalSparseMomentum
 
         steps = args.epochs * int(np.ceil(len(train[0]) / args.batch_size))
-        schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate, max(1, steps))
-        optimizer = GlobalSparseMomentum(schedule, target_sparsity=args.sparsity)
+        schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate or 0.02, max(1, steps))
+        optimizer = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=5e-3,
+                                         target_sparsity=args.sparsity)
     elif args.method in ("greedy", "l1"):
         if args.method == "greedy":
             model = tfs.greedy_prune(model, train[0], flops=args.flops, finetune_steps=args.finetune_steps,
@@ -129,11 +131,13 @@ def _prune(args):
                                   loss=loss, verbose=verbose)
     if args.epochs:
         result = train_classifier(model, train, test, epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.learning_rate, callbacks=callbacks, optimizer=optimizer,
+                                  learning_rate=args.learning_rate or 0.1, callbacks=callbacks, optimizer=optimizer,
                                   verbose=verbose, loss=loss)
         print(f"test accuracy: {result['accuracy']:.4f}")
     if args.method == "gsm":
-        optimizer.final_prune(model)
+        from tf_sparsity.optimizers import final_prune
+
+        final_prune(model, target_sparsity=args.sparsity)
     if not args.keep_wrappers:
         model = tfs.strip(model)
     tfs.summary(model)

@@ -1,0 +1,286 @@
+"""GSM vs plain momentum SGD: step time (~1M params) and MNIST-1D accuracy.
+
+    python benchmarks/gsm_vs_sgd.py --seeds 3 --out benchmarks/results/gsm.json
+
+1. Step time. `tfs.zoo.mnist1d_mlp(hidden=(1024, 1024))` (1.10M parameters,
+   one global pool of 1.09M kernel entries), batch 128, a compiled custom
+   training step (`tf.function`: forward, gradient, `optimizer.apply`). Plain
+   `keras.optimizers.SGD(momentum=0.99)` and GSM at compression 10 with both
+   threshold methods run in the same process, interleaved in blocks of
+   `--block` steps, `--reps` times (rotating the order); the table shows the
+   median and the best block's per-step time and their ratios to SGD (the
+   best block is the robust number on a shared, loaded machine).
+2. Accuracy. MNIST-1D (`--samples` generated samples, 80/20 split), the 1-D
+   CNN `tfs.zoo.mnist1d_cnn()`, `tf_sparsity.experiments.train_classifier`
+   (batch 128). The official GSM pipeline: train dense, then run GSM from the
+   trained weights, then `final_prune` (global top-Q by |w|), no fine-tuning.
+   - dense: SGD-Nesterov 0.9, lr `--lr` 0.1, cosine decay, L2
+     `--weight-decay` 5e-4 as kernel regularizer, `--epochs` 20.
+   - dense, continued: a control for what the extra epochs alone give: from
+     the dense weights, `--gsm-epochs` more epochs with GSM's optimizer
+     settings but no mask (SGD momentum 0.99, Nesterov, `--gsm-lr`, cosine,
+     L2 `--gsm-weight-decay` as kernel regularizer).
+   - GSM: from the dense weights (`--gsm-init scratch`: from init), momentum
+     0.99, Nesterov, lr `--gsm-lr` 0.02, cosine decay, coupled L2
+     `--gsm-weight-decay` 5e-3 in the optimizer (no regularizers),
+     `--gsm-epochs` 40, then `final_prune`.
+   Accuracy is reported before and after `final_prune`, as mean (min-max)
+   over seeds, with the per-layer sparsity GSM chose.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_sparsity as tfs  # noqa: E402
+from tf_sparsity.experiments import sgd_cosine, train_classifier  # noqa: E402
+from tf_sparsity.optimizers import GlobalSparseMomentum, GSMMonitor, final_prune  # noqa: E402
+
+HERE = pathlib.Path(__file__).parent
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+# ------------------------------------------------------------- step time
+def _compiled_step(optimizer, seed=0):
+    keras.utils.set_random_seed(seed)
+    model = tfs.zoo.mnist1d_mlp(hidden=(1024, 1024))
+    variables = model.trainable_variables
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x, training=True))
+        optimizer.apply(tape.gradient(loss, variables), variables)
+        return loss
+
+    return model, step
+
+
+def step_time(x, y, reps, block, batch_size=128):
+    x = tf.constant(x[:batch_size])
+    y = tf.constant(y[:batch_size])
+    runs = {
+        "SGD(momentum=0.99)": keras.optimizers.SGD(0.01, momentum=0.99),
+        "GSM histogram": GlobalSparseMomentum(0.01, momentum=0.99, compression=10),
+        "GSM exact": GlobalSparseMomentum(0.01, momentum=0.99, compression=10, threshold_method="exact"),
+    }
+    steps = {}
+    for name, opt in runs.items():
+        model, steps[name] = _compiled_step(opt)
+        params = model.count_params()
+        for _ in range(5):  # trace and warm up
+            steps[name](x, y)
+    times = {name: [] for name in runs}
+    names = list(steps)
+    for rep in range(reps):  # interleaved, rotating order: drift and load hit every optimizer alike
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            step = steps[name]
+            start = time.perf_counter()
+            for _ in range(block):
+                loss = step(x, y)
+            float(loss)  # wait for the device
+            times[name].append((time.perf_counter() - start) / block)
+    sgd = float(np.median(times["SGD(momentum=0.99)"]))
+    sgd_min = float(np.min(times["SGD(momentum=0.99)"]))
+    pool = runs["GSM histogram"].pool_size
+    return {
+        "model": "mnist1d_mlp(hidden=(1024, 1024))", "params": params, "pool": pool,
+        "batch_size": batch_size, "reps": reps, "block": block,
+        "rows": [
+            {"optimizer": name, "ms_per_step": 1e3 * float(np.median(t)),
+             "ms_min": 1e3 * float(np.min(t)), "ratio_to_sgd": float(np.median(t)) / sgd,
+             "ratio_to_sgd_min": float(np.min(t)) / sgd_min}
+            for name, t in times.items()
+        ],
+    }
+
+
+# -------------------------------------------------------------- accuracy
+def run_dense(seed, data, a, epochs, weights=None):
+    keras.utils.set_random_seed(seed)
+    model = tfs.zoo.mnist1d_cnn(weight_decay=a.weight_decay)
+    if weights is not None:
+        model.set_weights(weights)
+    result = train_classifier(model, *data, epochs=epochs, learning_rate=a.lr, seed=seed)
+    row = {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
+           "seconds_per_step": result["seconds_per_step"]}
+    return row, model.get_weights()
+
+
+def run_dense_continued(seed, data, a, weights):
+    """Control: GSM's optimizer and epochs without the mask (momentum SGD + coupled L2)."""
+    keras.utils.set_random_seed(seed)
+    model = tfs.zoo.mnist1d_cnn(weight_decay=a.gsm_weight_decay)  # coupled L2 on the kernels
+    model.set_weights(weights)
+    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
+    opt = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps), momentum=0.99,
+                               nesterov=True)
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt, seed=seed)
+    return {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
+            "seconds_per_step": result["seconds_per_step"]}
+
+
+def run_gsm(compression, seed, data, a, weights=None):
+    keras.utils.set_random_seed(seed)
+    model = tfs.zoo.mnist1d_cnn()  # no kernel_regularizer: GSM applies the L2
+    if weights is not None:
+        model.set_weights(weights)
+    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
+    schedule = keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
+    opt = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=a.gsm_weight_decay,
+                               compression=compression)
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt, seed=seed,
+                              callbacks=[GSMMonitor()])
+    active = opt.active_fractions()
+    magnitudes = np.sort(np.concatenate([np.abs(v.numpy()).ravel() for v in opt.pool_variables]))[::-1]
+    final_prune(model)
+    _, pruned = model.evaluate(*data[1], verbose=0, batch_size=512)
+    report = tfs.summary(model, print_fn=None)
+    return {
+        "accuracy": result["accuracy"], "accuracy_pruned": float(pruned), "sparsity": report.sparsity,
+        "nonzeros": report.nonzeros, "q": opt.q, "pool": opt.pool_size,
+        # How close to zero GSM drove the weights that final_prune removes.
+        "mean_abs_kept": float(magnitudes[:opt.q].mean()), "mean_abs_pruned": float(magnitudes[opt.q:].mean()),
+        "layer_sparsity": {r.name: r.sparsity for r in report.layers if r.prunable},
+        "collapsed_layers": report.collapsed,
+        "final_active_fraction": active,
+        "active_history": {k: v for k, v in result["history"].items() if k.startswith("gsm_active/")},
+        "seconds_per_step": result["seconds_per_step"],
+    }
+
+
+def _mean_range(values):
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{np.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def accuracy_table(rows):
+    out = ["| method | compression | epochs | sparsity | accuracy before prune % | "
+           "accuracy after final_prune % | fit step time vs dense |",
+           "|---|---|---|---|---|---|---|"]
+    keys = []
+    for r in rows:
+        if (r["method"], r["compression"]) not in keys:
+            keys.append((r["method"], r["compression"]))
+    dense_step = np.median([r["seconds_per_step"] for r in rows if r["method"] == "dense"] or [np.nan])
+    for method, c in keys:
+        group = [r for r in rows if r["method"] == method and r["compression"] == c]
+        step = np.median([r["seconds_per_step"] for r in group])
+        out.append(
+            f"| {method} | {f'{c:g}' if c else '-'} | {group[0]['epochs']} | "
+            f"{np.mean([r['sparsity'] for r in group]):.1%} | "
+            f"{_mean_range([r['accuracy'] for r in group])} | "
+            f"{_mean_range([r['accuracy_pruned'] for r in group])} | {step / dense_step:.2f}x |"
+        )
+    return "\n".join(out)
+
+
+def timing_table(timing):
+    out = [f"| optimizer ({timing['params']:,} params, pool {timing['pool']:,}, batch {timing['batch_size']}) "
+           "| ms / step (median) | x SGD (median) | ms / step (best block) | x SGD (best) |",
+           "|---|---|---|---|---|"]
+    for r in timing["rows"]:
+        out.append(f"| {r['optimizer']} | {r['ms_per_step']:.2f} | {r['ratio_to_sgd']:.2f} | "
+                   f"{r['ms_min']:.2f} | {r['ratio_to_sgd_min']:.2f} |")
+    return "\n".join(out)
+
+
+def layer_table(rows):
+    gsm = [r for r in rows if r["method"].startswith("GSM")]
+    if not gsm:
+        return ""
+    layers = list(gsm[0]["layer_sparsity"])
+    out = ["| compression | " + " | ".join(f"{l} sparsity (active share at end)" for l in layers) + " |",
+           "|---|" + "---|" * len(layers)]
+    for c in sorted({r["compression"] for r in gsm}):
+        group = [r for r in gsm if r["compression"] == c]
+        cells = []
+        for l in layers:
+            s = np.mean([r["layer_sparsity"][l] for r in group])
+            f = np.mean([r["final_active_fraction"][l] for r in group])
+            cells.append(f"{s:.1%} ({f:.1%})")
+        out.append(f"| {c:g} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=20, help="dense (pre)training epochs")
+    p.add_argument("--gsm-epochs", type=int, default=40, help="GSM training epochs")
+    p.add_argument("--gsm-init", choices=["pretrained", "scratch"], default="pretrained",
+                   help="start GSM from the trained dense model (the official pipeline) or from init")
+    p.add_argument("--samples", type=int, default=10000)
+    p.add_argument("--compressions", type=float, nargs="+", default=[10, 50])
+    p.add_argument("--lr", type=float, default=0.1, help="dense SGD-Nesterov(0.9) learning rate")
+    p.add_argument("--gsm-lr", type=float, default=0.02, help="GSM learning rate (momentum 0.99)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
+    p.add_argument("--gsm-weight-decay", type=float, default=5e-3, help="GSM coupled L2")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--block", type=int, default=10)
+    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--out", default=str(HERE / "results" / "gsm.json"))
+    a = p.parse_args()
+    started = time.time()
+    train, test = tfs.datasets.mnist1d(num_samples=a.samples)
+    results = {"command": "python " + " ".join(sys.argv), "args": vars(a),
+               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                           "tensorflow": tf.__version__, "keras": keras.__version__,
+                           "loadavg_at_start": os.getloadavg()}}
+    if not a.skip_timing:
+        results["timing"] = []
+        for batch_size in a.batch_sizes:
+            results["timing"].append(step_time(*train, reps=a.reps, block=a.block, batch_size=batch_size))
+            print(timing_table(results["timing"][-1]), "\n", flush=True)
+    if not a.skip_accuracy:
+        rows = []
+        data = (train, test)
+        for seed in range(a.seeds):
+            r, weights = run_dense(seed, data, a, a.epochs)
+            rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))
+            print(f"seed {seed} dense acc {r['accuracy']:.4f}", flush=True)
+            start_from = weights if a.gsm_init == "pretrained" else None
+            if a.gsm_init == "pretrained":
+                # Control: the same extra epochs with GSM's optimizer, no mask.
+                r = run_dense_continued(seed, data, a, weights)
+                rows.append(dict(method="dense, continued", compression=0, epochs=a.epochs + a.gsm_epochs,
+                                 seed=seed, **r))
+                print(f"seed {seed} dense continued acc {r['accuracy']:.4f}", flush=True)
+            total = a.gsm_epochs + (a.epochs if a.gsm_init == "pretrained" else 0)
+            for c in a.compressions:
+                r = run_gsm(c, seed, data, a, weights=start_from)
+                rows.append(dict(method=f"GSM ({a.gsm_init})", compression=c, epochs=total, seed=seed, **r))
+                print(f"seed {seed} GSM x{c:g} acc {r['accuracy']:.4f} -> pruned {r['accuracy_pruned']:.4f} "
+                      f"(sparsity {r['sparsity']:.3f}, mean |w| kept {r['mean_abs_kept']:.2e} "
+                      f"pruned {r['mean_abs_pruned']:.2e})", flush=True)
+        results["accuracy"] = rows
+        print()
+        print(accuracy_table(rows))
+        print()
+        print(layer_table(rows))
+    results["seconds"] = time.time() - started
+    results["machine"]["loadavg_at_end"] = os.getloadavg()
+    out = pathlib.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out)
+    print(f"\nwrote {out} in {results['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
