@@ -40,3 +40,16 @@ def compile_sgd(model, lr=0.05):
 
 def random_like(shape, seed=0):
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole session.
+
+    Separate strategy objects in one process can hand out clashing collective
+    instance keys (a shape-mismatch abort in CollectiveReduceV2), so every
+    test shares this one.
+    """
+    devices = tf.config.list_logical_devices("CPU")
+    assert len(devices) >= 2
+    return tf.distribute.MirroredStrategy([d.name for d in devices[:2]])

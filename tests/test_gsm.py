@@ -286,7 +286,7 @@ def test_resume_from_keras_file_continues_the_same_trajectory(mnist1d_data, tmp_
 
 
 # --------------------------------------------------------- distribution
-def test_mirrored_strategy_matches_single_device(mnist1d_data):
+def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy):
     (x, y), _ = mnist1d_data
     x, y = x[:256], y[:256]
     devices = tf.config.list_logical_devices("CPU")
@@ -300,7 +300,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data):
 
     single = build()
     single.fit(x, y, epochs=2, batch_size=64, shuffle=False, verbose=0)
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    strategy = mirrored_strategy
     assert strategy.num_replicas_in_sync == 2
     with strategy.scope():
         mirrored = build()
