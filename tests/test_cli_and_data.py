@@ -75,6 +75,23 @@ def test_cli_help_and_bad_flags():
     assert cli.main(["demo", "--epochs", "0"]) == 2
 
 
+@pytest.mark.parametrize("script, expected", [
+    ("synflow_mnist1d.py", "at sparsity 0.99"),
+    ("gsm_mnist1d.py", "at sparsity 0.9"),
+    ("greedy_to_microcontroller.py", "TFLM arena bytes"),
+])
+def test_examples_quick(script, expected, tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick",
+                          *(["--output", str(tmp_path)] if "greedy" in script else [])],
+                         capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert expected in run.stdout
+    if "greedy" in script:
+        assert (tmp_path / "greedy_int8.tflite").stat().st_size > 0
+        assert list(tmp_path.glob("greedy_int8*.cc")) and list(tmp_path.glob("greedy_int8*.h"))
+
+
 def test_example_str_quick(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "str_mnist1d.py"), "--quick", "--target", "0.8",
