@@ -88,3 +88,16 @@ def test_bad_granularity():
         tfs.layers.SoftThreshold(L.Dense(2), granularity="row")
     with pytest.raises(ValueError, match="`block_shape`"):
         tfs.layers.SoftThreshold(L.Dense(2), granularity="block", block_shape=(0, 1))
+
+
+def test_hard_group_threshold_keeps_survivors_whole():
+    x = random_like((8, 5), seed=4)
+    hard = np.asarray(sops.group_soft_threshold(x, 0.9, "block", (4, 1), shrink=False))
+    kept = hard != 0
+    np.testing.assert_array_equal(hard[kept], x[kept])  # no shrinkage
+    rms = np.sqrt(np.mean(x.reshape(2, 4, 5) ** 2, axis=1))
+    np.testing.assert_array_equal(kept.reshape(2, 4, 5).all(axis=1), rms > 0.9)
+    with pytest.raises(ValueError, match="`shrink=False`.*learn_threshold=False"):
+        tfs.layers.SoftThreshold(L.Dense(2), shrink=False)
+    layer = tfs.layers.SoftThreshold(L.Dense(2), shrink=False, learn_threshold=False, granularity="block")
+    assert layer.get_config()["shrink"] is False

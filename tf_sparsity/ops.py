@@ -82,7 +82,7 @@ def group_magnitudes(x, granularity="weight", block_shape=(4, 1)):
     return ops.sqrt(ops.mean(ops.square(blocks), axis=(rank - 3, rank - 1)))
 
 
-def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1)):
+def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1), shrink=True):
     """Soft threshold applied to groups: `x_G * relu(1 - threshold / rms(x_G))`.
 
     Each group shrinks by `threshold * sqrt(|G|)` in L2 norm and is zeroed as
@@ -91,22 +91,27 @@ def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1))
     `granularity="weight"` this is exactly `soft_threshold`; "block" groups
     `block_shape` blocks of the last two (in, out) axes -- `(4, 1)` is
     LiteRT's 1x4 sparse FULLY_CONNECTED block along the input axis --
-    and "channel" groups each output unit.
+    and "channel" groups each output unit. `shrink=False` keeps surviving
+    groups unshrunk (a hard group threshold: `x_G * [rms(x_G) > threshold]`).
 
     >>> w = keras.ops.array([[3.0, 0.1], [4.0, 0.1]])
     >>> group_soft_threshold(w, 1.0, "channel")  # column RMS 3.54 and 0.1
     [[2.15, 0.0], [2.87, 0.0]]  # approximately
     """
+    def scale(rms):
+        if shrink:
+            return ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
+        return ops.cast(rms > threshold, x.dtype)
+
     if granularity == "weight":
-        return soft_threshold(x, threshold)
+        return soft_threshold(x, threshold) if shrink else x * scale(ops.abs(x))
     if granularity == "channel":
-        rms = group_magnitudes(x, "channel")
-        return x * ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
+        return x * scale(group_magnitudes(x, "channel"))
     n_in, n_out = x.shape[-2], x.shape[-1]
     blocks = _blocked(x, block_shape)
     rank = len(blocks.shape)
     rms = ops.sqrt(ops.mean(ops.square(blocks), axis=(rank - 3, rank - 1), keepdims=True))
-    shrunk = blocks * ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
+    shrunk = blocks * scale(rms)
     padded_shape = tuple(x.shape[:-2]) + (blocks.shape[-4] * blocks.shape[-3], blocks.shape[-2] * blocks.shape[-1])
     return ops.reshape(shrunk, padded_shape)[..., :n_in, :n_out]
 

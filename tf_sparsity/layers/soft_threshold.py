@@ -43,6 +43,8 @@ class SoftThreshold(KernelWrapper):
             int8) or "channel" (one group per output unit/filter; `strip`
             then removes zeroed channels). Groups shrink by their L2 norm.
         block_shape: block size for "block" granularity.
+        shrink: True (STR) shrinks surviving groups by the threshold; False
+            keeps them whole (hard mask; needs `learn_threshold=False`).
         learn_threshold: train `s` by the loss (the paper). False keeps `s`
             fixed, so thresholds move only with `offset`: with
             `TargetSparsity` all layers then share one threshold level and
@@ -60,7 +62,7 @@ class SoftThreshold(KernelWrapper):
     name_prefix = "str"
 
     def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
-                 learn_threshold=True, granularity="weight", block_shape=(4, 1), **kwargs):
+                 learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True, **kwargs):
         if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
             raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -71,8 +73,12 @@ class SoftThreshold(KernelWrapper):
         if len(block_shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in block_shape):
             raise ValueError(f"`block_shape` must be two integers >= 1 (input, output); received {block_shape!r}.")
         super().__init__(layer, **kwargs)
+        if not shrink and learn_threshold:
+            raise ValueError("`shrink=False` gives the threshold no gradient: use it with "
+                             "`learn_threshold=False` (thresholds steered by TargetSparsity).")
         self.granularity = granularity
         self.block_shape = block_shape
+        self.shrink = bool(shrink)
         self.s_init = float(s_init)
         self.weight_decay = float(weight_decay)
         self.threshold_fn = sparse_ops.get_threshold_fn(threshold_fn)
@@ -115,7 +121,7 @@ class SoftThreshold(KernelWrapper):
         threshold = self.threshold()
         return [
             sparse_ops.group_soft_threshold(ops.cast(kernel, "float32"), threshold,
-                                            self.granularity, self.block_shape)
+                                            self.granularity, self.block_shape, self.shrink)
             for kernel in self.kernels
         ]
 
@@ -136,5 +142,6 @@ class SoftThreshold(KernelWrapper):
             learn_threshold=self.learn_threshold,
             granularity=self.granularity,
             block_shape=list(self.block_shape),
+            shrink=self.shrink,
         )
         return config

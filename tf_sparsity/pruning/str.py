@@ -6,7 +6,7 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
-                   learn_threshold=True, granularity="weight", block_shape=(4, 1)):
+                   learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -31,6 +31,8 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             blocks, (16, 1) for int8) or "channel" (whole output units;
             `tfs.strip` then returns a physically smaller model).
         block_shape: see `granularity`.
+        shrink: False keeps surviving groups unshrunk (hard mask, for use
+            with `learn_threshold=False` and `TargetSparsity`).
 
     Example:
 
@@ -46,6 +48,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         lambda layer: SoftThreshold(
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
             learn_threshold=learn_threshold, granularity=granularity, block_shape=block_shape,
+            shrink=shrink,
         ),
         skip=skip,
     )
