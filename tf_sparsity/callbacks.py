@@ -9,6 +9,7 @@ from keras import ops
 
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity import surgery
+from tf_sparsity.layers.low_rank import thresholded_matrices
 from tf_sparsity.summary import summary
 
 
@@ -106,6 +107,11 @@ class SparsityMonitor(keras.callbacks.Callback):
         return cls(**config)
 
 
+def _name(thresholded):
+    """The user-facing name of a wrapper's layer or of a low-rank matrix."""
+    return thresholded.layer.name if hasattr(thresholded, "layer") else thresholded.name
+
+
 def polynomial_ramp(step, begin_step, end_step, power=3):
     """Fraction of the target reached at `step`: 0 at `begin_step`, 1 at `end_step`.
 
@@ -162,7 +168,7 @@ def solve_threshold_offset(wrappers, target_sparsity, bounds=(-100.0, 100.0), it
                 hi = mid
         best = lo if abs(zeros(lo) - goal) <= abs(zeros(hi) - goal) else hi
     sizes = [cumulative[-1] for _, cumulative, _ in layers]
-    collapsed = [w.layer.name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n - 0.5]
+    collapsed = [_name(w) for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n - 0.5]
     return best, collapsed
 
 
@@ -226,10 +232,11 @@ class TargetSparsity(keras.callbacks.Callback):
 
     def _wrappers(self):
         found = [w for w in surgery.wrappers(self.model) if hasattr(w, "threshold_offset")]
+        found += thresholded_matrices(self.model)  # low-rank RNN matrices: rank is steered too
         if not found:
             raise ValueError(
                 "TargetSparsity needs a model with learned thresholds "
-                "(tfs.soft_threshold or tfs.layers.SoftThreshold); found none."
+                "(tfs.soft_threshold, tfs.layers.SoftThreshold or low-rank cells); found none."
             )
         return found
 
