@@ -10,6 +10,7 @@ import numpy as np
 from tf_sparsity import callbacks, datasets, export, plots, zoo
 from tf_sparsity.experiments import train_classifier
 from tf_sparsity.export import runtimes
+from tf_sparsity.layers.low_rank import LowRankGRU
 from tf_sparsity.optimizers import GlobalSparseMomentum, final_prune
 from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.greedy import greedy_prune
@@ -39,6 +40,15 @@ def _methods(quick, epochs, steps_per_epoch):
                                          target_sparsity=0.9)
         return model, {"optimizer": optimizer}, lambda m: final_prune(m) or m
 
+    def lowrank_gru(dense):
+        # MNIST-1D as a 40-step sequence; TargetSparsity steers the ranks
+        # (0.75 of the factor weights removed ~ rank 1/4 of max_rank).
+        inputs = keras.Input((40, 1))
+        hidden = LowRankGRU(32, name="lowrank_gru")(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="lowrank_gru_net")
+        return model, {"optimizer": keras.optimizers.Adam(1e-2, clipnorm=1.0),
+                       "callbacks": [callbacks.TargetSparsity(0.75)]}, strip
+
     def synflow(dense):
         model = prune_at_init(zoo.mnist1d_cnn(weight_decay=5e-4), "synflow", compression=10, verbose=0)
         return model, {}, strip
@@ -48,11 +58,12 @@ def _methods(quick, epochs, steps_per_epoch):
     runs += [("str-block1x4", 0.9, str_run(0.9, False, "block")), ("str-learned", 0.9, str_run(0.9, True)),
              ("gsm", 0.9, gsm), ("synflow", 0.9, synflow)]
     runs += [("greedy", None, None)]  # prunes the trained dense model, no training of its own
+    runs += [("lowrank-gru", 0.75, lowrank_gru)]
     return runs
 
 
 def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
-    """Train dense / STR / GSM / SynFlow / greedy on MNIST-1D, export each for
+    """Train dense / STR / GSM / SynFlow / greedy / low-rank GRU on MNIST-1D, export each for
     litert, tflm and edgetpu, run them on the real runtimes; write report.md,
     results.json and plots into `output`. Returns the results.
 
@@ -83,14 +94,17 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
             model, kwargs, finish = build(zoo.mnist1d_cnn(weight_decay=5e-4) if method == "dense" else dense)
             result = train_classifier(model, train, test, epochs=epochs, **kwargs)
             histories[label] = result["history"]
+            trained = summary(model, print_fn=None)  # thresholds and ranks live in the trained layers
             plain = finish(model)
             if method == "dense":
                 dense = model
             plain.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
             accuracy = float(plain.evaluate(*test, verbose=0)[1])
-        report = summary(plain, print_fn=None)
+        report = summary(plain, print_fn=None) if method in ("greedy", "gsm") else trained
         reports[label] = report
+        ranks = [f" (rank {l.rank})" for l in report.layers if l.rank]
         row = {"method": method, "target": target, "accuracy": accuracy, "sparsity": report.sparsity,
+               "rank": ranks[0] if ranks else "",
                "params": report.params, "nonzeros": report.nonzeros, "prunable": report.prunable,
                "flops": report.flops, "effective_flops": report.effective_flops,
                "train_seconds": time.perf_counter() - start, "summary": report.to_dict()}
@@ -106,7 +120,7 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
                               out / "layer_sparsity.png")
     plots.accuracy_vs_sparsity(
         {m: [(r["sparsity"], r["accuracy"]) for r in results if r["method"] == m]
-         for m in dict.fromkeys(r["method"] for r in results) if m not in ("dense", "greedy")},
+         for m in dict.fromkeys(r["method"] for r in results) if m not in ("dense", "greedy", "lowrank-gru")},
         out / "accuracy_vs_sparsity.png", dense_accuracy=results[0]["accuracy"])
     plots.threshold_dynamics(histories["str-learned@0.90"], out / "str_dynamics.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
@@ -140,13 +154,13 @@ def _export_all(model, label, x, out):
 
 
 def _table(results):
-    lines = ["| method | target | accuracy | sparsity | nonzero / prunable | MACs (effective / dense) | "
+    lines = ["| method | target | accuracy | sparsity / rank | nonzero / prunable | MACs (effective / dense) | "
              "LiteRT float bytes | LiteRT µs | TFLM int8 bytes | TFLM arena | EdgeTPU preflight |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         target = "-" if r["target"] is None else f"{r['target']:.2f}"
         lines.append(
-            f"| {r['method']} | {target} | {r['accuracy'] * 100:.2f}% | {r['sparsity'] * 100:.1f}% | "
+            f"| {r['method']} | {target} | {r['accuracy'] * 100:.2f}% | {r['sparsity'] * 100:.1f}%{r['rank']} | "
             f"{r['nonzeros']:,} / {r['prunable']:,} | {r['effective_flops']:,} / {r['flops']:,} | "
             f"{r['litert_bytes']:,} | {r['litert_us']:.1f} | {r['tflm_bytes']:,} | "
             f"{r['tflm_arena_bytes'] or '-':,} | {'pass' if r['edgetpu_ok'] else 'fails'} |")
