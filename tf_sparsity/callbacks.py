@@ -34,6 +34,19 @@ def _report_collapse(names, step, on_collapse, model, reported):
         model.stop_training = True
 
 
+def publish(values, logs, writer, step):
+    """Put scalar `values` into the Keras `logs` (History keeps them) and TensorBoard."""
+    if logs is not None:
+        logs.update(values)
+    if writer is not None:
+        import tensorflow as tf  # TensorBoard writing is TensorFlow-specific
+
+        with writer.as_default():
+            for key, value in values.items():
+                tf.summary.scalar(key, value, step=step)
+        writer.flush()
+
+
 def _check_on_collapse(on_collapse):
     if on_collapse not in ("warn", "stop", "raise"):
         raise ValueError(f"`on_collapse` must be 'warn', 'stop' or 'raise'; received {on_collapse!r}.")
@@ -88,15 +101,7 @@ class SparsityMonitor(keras.callbacks.Callback):
                 values[f"sparsity/{row.name}"] = row.sparsity
                 if row.threshold is not None:
                     values[f"threshold/{row.name}"] = row.threshold
-        if logs is not None:
-            logs.update(values)
-        if self._writer is not None:
-            import tensorflow as tf
-
-            with self._writer.as_default():
-                for key, value in values.items():
-                    tf.summary.scalar(key, value, step=epoch)
-            self._writer.flush()
+        publish(values, logs, self._writer, epoch)
         _report_collapse(report.collapsed, f"epoch {epoch + 1}", self.on_collapse, self.model, self._reported)
 
     def get_config(self):

@@ -612,16 +612,9 @@ class GSMMonitor(keras.callbacks.Callback):
         gsm = self._gsm()
         if not gsm.built:
             return
-        values = {f"gsm_active/{k}": v for k, v in gsm.active_fractions().items()}
-        if logs is not None:
-            logs.update(values)
-        if self._writer is not None:
-            import tensorflow as tf
+        from tf_sparsity.callbacks import publish  # callbacks imports layers; keep optimizers light
 
-            with self._writer.as_default():
-                for key, value in values.items():
-                    tf.summary.scalar(key, value, step=epoch)
-            self._writer.flush()
+        publish({f"gsm_active/{k}": v for k, v in gsm.active_fractions().items()}, logs, self._writer, epoch)
 
     def get_config(self):
         return {"every_n_steps": self.every_n_steps, "log_dir": self.log_dir}
