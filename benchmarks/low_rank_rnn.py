@@ -42,13 +42,6 @@ HERE = pathlib.Path(__file__).parent
 MODELS = ("gru", "lstm", "lowrank_gru", "lowrank_lstm", "fastgrnn", "lowrank_fastgrnn")
 
 
-class RankTarget(tfs.callbacks.TargetSparsity):
-    """TargetSparsity over the low-rank matrices (until it finds them itself)."""
-
-    def _wrappers(self):
-        return lr.thresholded_matrices(self.model)
-
-
 def build(kind, units):
     str_args = dict(threshold_fn="exponential", s_init=-10.0, learn_threshold=False)
     layer = {
@@ -155,7 +148,8 @@ def run(kind, seed, data, a, export):
     model = build(kind, a.units)
     steps = int(np.ceil(len(data[0][0]) / 128)) * a.epochs
     optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(a.lr, steps), clipnorm=1.0)
-    callbacks = [RankTarget(a.target, end_fraction=a.end_fraction)] if kind.startswith("lowrank") else []
+    callbacks = ([tfs.callbacks.TargetSparsity(a.target, end_fraction=a.end_fraction)]
+                 if kind.startswith("lowrank") else [])
     start = time.perf_counter()
     result = train_classifier(model, *data, epochs=a.epochs, optimizer=optimizer, callbacks=callbacks,
                               seed=seed)
@@ -197,6 +191,10 @@ def summarize(rows, kinds):
     return table
 
 
+def _fmt(value):
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def markdown(table):
     lines = ["| model | accuracy % (mean ± std) | recurrent rank | params (train → deploy) | "
              "int8 acc % | .tflite bytes | TFLM arena bytes | TFLM invoke µs | TFLM vs LiteRT ref |",
@@ -208,9 +206,8 @@ def markdown(table):
             f"| {t['model']} | {t['accuracy_mean']:.2f} ± {t['accuracy_std']:.2f} | {rank} | "
             f"{t['params']:,} → {t['deployed_params']:,} | "
             f"{', '.join(f'{v:.2f}' for v in t['int8_accuracy']) or '-'} | "
-            f"{t['tflite_bytes'] or '-':,} | {t['tflm_arena_bytes'] or '-':,} | "
-            f"{t['tflm_invoke_us'] or 0:,.0f} | "
-            f"{'-' if t['tflm_vs_litert_ref_max_steps'] is None else t['tflm_vs_litert_ref_max_steps']} |")
+            f"{_fmt(t['tflite_bytes'])} | {_fmt(t['tflm_arena_bytes'])} | {_fmt(t['tflm_invoke_us'])} | "
+            f"{_fmt(t['tflm_vs_litert_ref_max_steps'])} |")
     return "\n".join(lines)
 
 

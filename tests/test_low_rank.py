@@ -90,7 +90,7 @@ def test_pruned_components_get_no_loss_gradient_and_decay_is_coupled():
     model = model_with(layer)
     prune_some(layer)
     matrix = layer.cell.recurrent_matrix
-    pruned = ops_numpy(matrix.thresholded_sigma()) == 0
+    pruned = keras.ops.convert_to_numpy(matrix.thresholded_sigma()) == 0
     assert pruned.any() and not pruned.all()
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(tf.square(model(sequences())))
@@ -107,10 +107,6 @@ def test_pruned_components_get_no_loss_gradient_and_decay_is_coupled():
     orth = sum(float(lr.FactorRegularizer(0, m.orthogonality, axis)(v))
                for m in layer.cell.matrices() for axis, v in ((0, m.u), (1, m.vt)))
     np.testing.assert_allclose(penalty, expected + orth, rtol=1e-5)
-
-
-def ops_numpy(t):
-    return keras.ops.convert_to_numpy(t)
 
 
 def test_orthogonality_penalty():
@@ -185,6 +181,12 @@ def test_max_rank_above_matrix_rank_is_named():
         lr.LowRankGRU(UNITS, max_rank=4)(sequences(features=1))
     with pytest.raises(ValueError, match="units"):
         lr.LowRankGRU(0)
+    # Export needs a static sequence length to unroll; tracing says so clearly.
+    layer = lr.LowRankGRU(UNITS, max_rank=(None, 4))
+    layer(sequences())
+    unrolled = layer.stripped_layer(unroll=True)
+    with pytest.raises(ValueError, match="Cannot unroll a RNN if the time dimension is undefined"):
+        tf.function(unrolled).get_concrete_function(tf.TensorSpec((1, None, FEATURES)))
     with pytest.raises(ValueError, match="recurrent_rank"):
         lr.FactorizedGRUCell(UNITS, recurrent_rank=-1)
 
@@ -219,23 +221,14 @@ def test_steering_to_a_rank_with_the_shared_solver():
     assert layer.ranks()[0] == 1 and abs(layer.ranks()[1] - 4) <= 1 and not collapsed
 
 
-def _rank_target(target, **kwargs):
-    class RankTarget(tfs.callbacks.TargetSparsity):
-        # Until TargetSparsity discovers low-rank matrices itself (see report).
-        def _wrappers(self):
-            return lr.thresholded_matrices(self.model)
-
-    return RankTarget(target, **kwargs)
-
-
 def test_target_sparsity_callback_steers_rank_during_fit():
     layer = lr.LowRankGRU(16, max_rank=(None, 16), threshold_fn="exponential", s_init=-10.0,
                           learn_threshold=False)
     model = compile_sgd(model_with(layer, features=1), lr=0.01)
     spread(layer, 0.9)
     x, y = sequences(32, features=1), np.arange(32) % 5
-    model.fit(x, y, epochs=2, batch_size=8, verbose=0,
-              callbacks=[_rank_target(0.5, end_step=4, update_every=1)])
+    callback = tfs.callbacks.TargetSparsity(0.5, end_step=4, update_every=1)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
     assert layer.ranks()[0] == 1 and abs(layer.ranks()[1] - 8) <= 1
 
 

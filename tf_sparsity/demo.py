@@ -44,7 +44,9 @@ def _methods(quick, epochs, steps_per_epoch):
         # MNIST-1D as a 40-step sequence; TargetSparsity steers the ranks
         # (0.75 of the factor weights removed ~ rank 1/4 of max_rank).
         inputs = keras.Input((40, 1))
-        hidden = LowRankGRU(32, name="lowrank_gru")(inputs)
+        # Relative, exponential threshold steered from far below (see docs/low_rank.md).
+        hidden = LowRankGRU(32, threshold_fn="exponential", s_init=-10.0, learn_threshold=False,
+                            name="lowrank_gru")(inputs)
         model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="lowrank_gru_net")
         return model, {"optimizer": keras.optimizers.Adam(1e-2, clipnorm=1.0),
                        "callbacks": [callbacks.TargetSparsity(0.75)]}, strip

@@ -183,6 +183,10 @@ def layer_report(layer):
     """
     if hasattr(layer, "summary_row"):
         return layer.summary_row()
+    if isinstance(layer, keras.layers.RNN) and hasattr(layer.cell, "summary_row"):
+        from tf_sparsity.layers.low_rank import rnn_summary_row  # low_rank imports this module
+
+        return rnn_summary_row(layer)
     inner = layer.layer if isinstance(layer, KernelWrapper) else layer
     # A wrapper's own scalars (threshold logit, offset) are bookkeeping, not params.
     params = sum(int(np.prod(w.shape)) for w in inner.weights)

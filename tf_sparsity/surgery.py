@@ -190,7 +190,15 @@ def strip(model):
     def replace(layer):
         # Protocol: any tf_sparsity layer with `stripped_layer()` returns a
         # plain, built layer holding its effective weights (wrappers, RNN
-        # layers with low-rank cells, ...).
+        # layers with low-rank cells, ...); a plain `keras.layers.RNN` around
+        # a low-rank cell is stripped through its cell.
+        if isinstance(layer, keras.layers.RNN) and hasattr(layer.cell, "stripped_cell") \
+                and not hasattr(layer, "stripped_layer"):
+            from tf_sparsity.layers.low_rank import stripped_rnn  # low_rank imports this module's users
+
+            new = stripped_rnn(layer)
+            baked.add(id(new))
+            return new
         if hasattr(layer, "stripped_layer"):
             new = layer.stripped_layer()
             baked.add(id(new))

@@ -2,6 +2,7 @@
 
 from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 from tf_sparsity.layers.low_rank import (
+    FactorRegularizer,
     FactorizedFastGRNNCell,
     FactorizedGRUCell,
     FactorizedLSTMCell,
@@ -11,6 +12,7 @@ from tf_sparsity.layers.low_rank import (
     LowRankGRUCell,
     LowRankLSTM,
     LowRankLSTMCell,
+    LowRankMatrix,
 )
 from tf_sparsity.layers.masked import Masked
 from tf_sparsity.layers.soft_threshold import SoftThreshold
@@ -18,5 +20,5 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 __all__ = [
     "KernelWrapper", "Masked", "SoftThreshold",
     "LowRankGRUCell", "LowRankLSTMCell", "FastGRNNCell", "LowRankGRU", "LowRankLSTM", "FastGRNN",
-    "FactorizedGRUCell", "FactorizedLSTMCell", "FactorizedFastGRNNCell",
+    "FactorizedGRUCell", "FactorizedLSTMCell", "FactorizedFastGRNNCell", "LowRankMatrix", "FactorRegularizer",
 ]
