@@ -53,7 +53,8 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     assert by["str-block1x4"]["litert_bytes"] < by["dense"]["litert_bytes"]  # 1x4 blocks stored sparse
     assert list(tmp_path.glob("*_tflm_int8.tflite"))
     assert "rank" in by["lowrank-gru"]["rank"]
-    for name in ("report.md", "layer_sparsity.png", "accuracy_vs_sparsity.png", "str_dynamics.png"):
+    for name in ("report.md", "layer_sparsity.png", "accuracy_vs_sparsity.png", "str_dynamics.png",
+                 "learned_ranks.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| str |" in (tmp_path / "report.md").read_text()
 

@@ -125,6 +125,7 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
          for m in dict.fromkeys(r["method"] for r in results) if m not in ("dense", "greedy", "lowrank-gru")},
         out / "accuracy_vs_sparsity.png", dense_accuracy=results[0]["accuracy"])
     plots.threshold_dynamics(histories["str-learned@0.90"], out / "str_dynamics.png")
+    plots.learned_ranks(reports["lowrank-gru@0.75"], out / "learned_ranks.png")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "report.md").write_text(
         "# tf_sparsity demo (MNIST-1D)\n\n" + table + "\n\n"
@@ -132,7 +133,7 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
         "EdgeTPU is a preflight against Coral's op table (no compiler here).\n\n"
         f"```\n{reports[best]}\n```\n\n"
         "![per-layer sparsity](layer_sparsity.png)\n![accuracy](accuracy_vs_sparsity.png)\n"
-        "![STR dynamics](str_dynamics.png)\n")
+        "![STR dynamics](str_dynamics.png)\n![learned ranks](learned_ranks.png)\n")
     say(f"\nWrote {out / 'report.md'}, results.json, .tflite files and plots.")
     return results
 

@@ -61,3 +61,25 @@ def threshold_dynamics(history, path, title="STR thresholds and sparsity over tr
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def learned_ranks(report, path, title="Learned ranks of low-rank layers"):
+    """Bars of learned vs maximum rank per matrix, from a `Summary` with `rank` rows."""
+    labels, learned, maximum = [], [], []
+    for row in report.layers:
+        if not row.rank:
+            continue
+        for i, part in enumerate(row.rank.split(",")):
+            r, m = (int(v) for v in part.strip().split("/"))
+            labels.append(f"{row.name}[{i}]")
+            learned.append(r)
+            maximum.append(m)
+    fig, ax = plt.subplots(figsize=(max(4, len(labels) * 1.2), 3.5))
+    ax.bar(labels, maximum, color="lightgray", label="max rank")
+    ax.bar(labels, learned, label="learned rank")
+    ax.set_ylabel("rank")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
