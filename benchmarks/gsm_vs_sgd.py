@@ -111,7 +111,7 @@ def run_dense(seed, data, a, epochs, weights=None):
     model = tfs.zoo.mnist1d_cnn(weight_decay=a.weight_decay)
     if weights is not None:
         model.set_weights(weights)
-    result = train_classifier(model, *data, epochs=epochs, learning_rate=a.lr, seed=seed)
+    result = train_classifier(model, *data, epochs=epochs, learning_rate=a.lr)
     row = {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
            "seconds_per_step": result["seconds_per_step"]}
     return row, model.get_weights()
@@ -125,7 +125,7 @@ def run_dense_continued(seed, data, a, weights):
     steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
     opt = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps), momentum=0.99,
                                nesterov=True)
-    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt, seed=seed)
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt)
     return {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
             "seconds_per_step": result["seconds_per_step"]}
 
@@ -139,7 +139,7 @@ def run_gsm(compression, seed, data, a, weights=None):
     schedule = keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
     opt = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=a.gsm_weight_decay,
                                compression=compression)
-    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt, seed=seed,
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt,
                               callbacks=[GSMMonitor()])
     active = opt.active_fractions()
     magnitudes = np.sort(np.concatenate([np.abs(v.numpy()).ravel() for v in opt.pool_variables]))[::-1]

@@ -70,7 +70,7 @@ def accuracy(a):
                 if method != "dense":
                     model = tfs.prune_at_init(model, method, compression=compression, data=(train[0][:256], train[1][:256]),
                                               loss=LOSS, seed=seed, verbose=0, on_collapse="ignore")
-                result = train_classifier(model, train, test, epochs=a.epochs, seed=seed)
+                result = train_classifier(model, train, test, epochs=a.epochs)
                 report = tfs.summary(model, print_fn=None)
                 rows.append({"method": method, "compression": compression, "seed": seed,
                              "accuracy": result["accuracy"], "sparsity": report.sparsity,

@@ -37,7 +37,7 @@ def run_keras(kind, target, seed, data, a):
             tfs.zoo.mnist1d_cnn(), s_init=a.s_init, weight_decay=a.weight_decay,
             learn_threshold=(kind == "str-learned"))
         callbacks = [tfs.callbacks.TargetSparsity(target, end_fraction=a.end_fraction)]
-    result = train_classifier(model, *data, epochs=a.epochs, callbacks=callbacks, seed=seed)
+    result = train_classifier(model, *data, epochs=a.epochs, callbacks=callbacks)
     result["sparsity"] = tfs.sparsity(model)
     report = tfs.summary(model, print_fn=None)
     result["layer_sparsity"] = {r.name: r.sparsity for r in report.layers if r.prunable}

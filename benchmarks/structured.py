@@ -59,14 +59,14 @@ def main():
     for seed in range(a.seeds):
         keras.utils.set_random_seed(seed)
         dense = tfs.zoo.mnist1d_cnn(weight_decay=5e-4)
-        train_classifier(dense, train, test, epochs=a.epochs, seed=seed)
+        train_classifier(dense, train, test, epochs=a.epochs)
         dense_flops = tfs.summary(dense, print_fn=None).flops
         rows.append({"method": "dense", "seed": seed, "accuracy": evaluate(dense, test), "flops": 1.0, "seconds": 0})
         keras.utils.set_random_seed(seed)
         str_model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn(), granularity="channel", weight_decay=5e-4,
                                        learn_threshold=False, skip=["logits"])
         start = time.perf_counter()
-        train_classifier(str_model, train, test, epochs=a.epochs, seed=seed,
+        train_classifier(str_model, train, test, epochs=a.epochs,
                          callbacks=[tfs.callbacks.TargetSparsity(a.channel_target)])
         small = tfs.strip(str_model)
         f = tfs.summary(small, print_fn=None).flops / dense_flops

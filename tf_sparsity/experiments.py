@@ -13,7 +13,7 @@ def sgd_cosine(learning_rate, total_steps, momentum=0.9):
 
 
 def train_classifier(model, train, test, epochs=20, batch_size=128, learning_rate=0.1,
-                     callbacks=(), optimizer=None, verbose=0, seed=0, loss=None):
+                     callbacks=(), optimizer=None, verbose=0, loss=None):
     """Train `model` on `(x, y)` with SGD-Nesterov + cosine decay; return metrics.
 
     The returned dict has `accuracy` (test), `history` (per-epoch logs) and
