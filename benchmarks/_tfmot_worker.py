@@ -1,6 +1,6 @@
 """tfmot baseline, run in its own process (tfmot switches tf.keras to Keras 2).
 
-Invoked by benchmarks/str_vs_tfmot.py; prints one JSON line. Never import
+Invoked by benchmarks/str_vs_tfmot.py and gsm_vs_sgd.py; prints one JSON line. Never import
 tf_sparsity here: it is Keras 3.
 """
 
@@ -29,6 +29,18 @@ def cnn():
     return keras.Model(inputs, L.Dense(10)(x))
 
 
+def lenet():
+    L = keras.layers
+    inputs = keras.Input((40, 1))
+    x = L.Flatten()(inputs)
+    x = L.Dense(300, activation="relu")(x)
+    x = L.Dense(100, activation="relu")(x)
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
+MODELS = {"cnn": cnn, "lenet": lenet}
+
+
 class StepTimer(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.per_step = []
@@ -55,13 +67,19 @@ def main():
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--end-fraction", type=float, default=0.7)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    p.add_argument("--init-weights", action="store_true",
+                   help="start from the weights w0, w1, ... stored in --data (same layer order)")
     a = p.parse_args()
     data = np.load(a.data)
     x, y, xt, yt = data["x"], data["y"], data["x_test"], data["y_test"]
     keras.utils.set_random_seed(a.seed)
     steps = int(np.ceil(len(x) / a.batch_size))
     total = steps * a.epochs
-    model = cnn()
+    model = MODELS[a.model]()
+    if a.init_weights:
+        model.set_weights([data[f"w{i}"] for i in range(len(model.get_weights()))])
     schedule = tfmot.sparsity.keras.PolynomialDecay(
         initial_sparsity=0.0, final_sparsity=a.sparsity, begin_step=0,
         end_step=int(a.end_fraction * total), frequency=10)
@@ -70,7 +88,7 @@ def main():
     # Same coupled L2 as the STR runs, on the kernels, through the loss.
     kernels = [l.layer.kernel for l in pruned.layers if hasattr(l, "layer") and hasattr(l.layer, "kernel")]
     pruned.add_loss(lambda: 0.5 * a.weight_decay * tf.add_n([tf.reduce_sum(tf.square(k)) for k in kernels]))
-    pruned.compile(keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
+    pruned.compile(keras.optimizers.SGD(lr, momentum=a.momentum, nesterov=True),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     timer = StepTimer()
     pruned.fit(x, y, epochs=a.epochs, batch_size=a.batch_size, verbose=0, shuffle=True,

@@ -33,6 +33,8 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
+import tempfile
 import sys
 import time
 
@@ -72,6 +74,7 @@ def step_time(x, y, reps, block, batch_size=128):
     runs = {
         "SGD(momentum=0.99)": keras.optimizers.SGD(0.01, momentum=0.99),
         "GSM histogram": GlobalSparseMomentum(0.01, momentum=0.99, compression=10),
+        "GSM sample": GlobalSparseMomentum(0.01, momentum=0.99, compression=10, threshold_method="sample"),
         "GSM exact": GlobalSparseMomentum(0.01, momentum=0.99, compression=10, threshold_method="exact"),
     }
     steps = {}
@@ -106,9 +109,17 @@ def step_time(x, y, reps, block, batch_size=128):
 
 
 # -------------------------------------------------------------- accuracy
+MODELS = {
+    # The 1-D CNN and LeNet-300-100's shape (40-300-100-10) on MNIST-1D.
+    "cnn": lambda weight_decay=0.0: tfs.zoo.mnist1d_cnn(weight_decay=weight_decay),
+    "lenet": lambda weight_decay=0.0: tfs.zoo.mnist1d_mlp(hidden=(300, 100), weight_decay=weight_decay,
+                                                          name="lenet_300_100"),
+}
+
+
 def run_dense(seed, data, a, epochs, weights=None):
     keras.utils.set_random_seed(seed)
-    model = tfs.zoo.mnist1d_cnn(weight_decay=a.weight_decay)
+    model = MODELS[a.model](weight_decay=a.weight_decay)
     if weights is not None:
         model.set_weights(weights)
     result = train_classifier(model, *data, epochs=epochs, learning_rate=a.lr)
@@ -120,25 +131,68 @@ def run_dense(seed, data, a, epochs, weights=None):
 def run_dense_continued(seed, data, a, weights):
     """Control: GSM's optimizer and epochs without the mask (momentum SGD + coupled L2)."""
     keras.utils.set_random_seed(seed)
-    model = tfs.zoo.mnist1d_cnn(weight_decay=a.gsm_weight_decay)  # coupled L2 on the kernels
+    model = MODELS[a.model](weight_decay=a.gsm_weight_decay)  # coupled L2 on the kernels
     model.set_weights(weights)
-    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
-    opt = keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps), momentum=0.99,
-                               nesterov=True)
-    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt)
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a))
     return {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
             "seconds_per_step": result["seconds_per_step"]}
 
 
-def run_gsm(compression, seed, data, a, weights=None):
+def _continued_sgd(data, a):
+    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
+    return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps), momentum=0.99,
+                                nesterov=True)
+
+
+def run_magnitude_finetune(compression, seed, data, a, weights):
+    """Baseline: one-shot global magnitude pruning of the dense model, then the
+    control's `--gsm-epochs` of training with the masks fixed."""
     keras.utils.set_random_seed(seed)
-    model = tfs.zoo.mnist1d_cnn()  # no kernel_regularizer: GSM applies the L2
+    dense = MODELS[a.model](weight_decay=a.gsm_weight_decay)
+    dense.set_weights(weights)
+    model = tfs.prune_at_init(dense, "magnitude", compression=compression, verbose=0, on_collapse="ignore")
+    _, acc0 = _evaluate(model, data)
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a))
+    report = tfs.summary(tfs.strip(model), print_fn=None)
+    return {"accuracy": None, "accuracy_no_finetune": acc0, "accuracy_pruned": result["accuracy"],
+            "sparsity": report.sparsity,
+            "collapsed_layers": report.collapsed, "seconds_per_step": result["seconds_per_step"]}
+
+
+def _evaluate(model, data):
+    model.compile(loss=LOSS, metrics=["accuracy"])
+    loss, acc = model.evaluate(*data[1], verbose=0, batch_size=512)
+    return float(loss), float(acc)
+
+
+def run_tfmot(compression, seed, data, a, weights, workdir):
+    """Baseline: tfmot's prune_low_magnitude from the dense weights, the
+    control's optimizer and epochs, sparsity ramped over the first 70%
+    (its own process: tfmot needs Keras 2)."""
+    npz = pathlib.Path(workdir) / f"dense_{a.model}_{seed}.npz"
+    (x, y), (xt, yt) = data
+    np.savez(npz, x=x, y=y, x_test=xt, y_test=yt, **{f"w{i}": w for i, w in enumerate(weights)})
+    cmd = [sys.executable, str(HERE / "_tfmot_worker.py"), "--data", str(npz), "--model", a.model,
+           "--init-weights", "--sparsity", str(1 - 1 / compression), "--seed", str(seed),
+           "--epochs", str(a.gsm_epochs), "--lr", str(a.gsm_lr), "--momentum", "0.99",
+           "--weight-decay", str(a.gsm_weight_decay)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"tfmot worker failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"accuracy": None, "accuracy_pruned": r["accuracy"], "sparsity": r["sparsity"],
+            "seconds_per_step": r["seconds_per_step"]}
+
+
+def run_gsm(compression, seed, data, a, weights=None, threshold_method="histogram"):
+    keras.utils.set_random_seed(seed)
+    model = MODELS[a.model]()  # no kernel_regularizer: GSM applies the L2
     if weights is not None:
         model.set_weights(weights)
     steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
     schedule = keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
     opt = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=a.gsm_weight_decay,
-                               compression=compression)
+                               compression=compression, threshold_method=threshold_method)
     result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt,
                               callbacks=[GSMMonitor()])
     active = opt.active_fractions()
@@ -160,6 +214,8 @@ def run_gsm(compression, seed, data, a, weights=None):
 
 
 def _mean_range(values):
+    if any(v is None for v in values):
+        return "–"
     values = [100 * v for v in values]
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -168,16 +224,20 @@ def _mean_range(values):
 
 def accuracy_table(rows):
     out = ["| method | compression | epochs | sparsity | accuracy before prune % | "
-           "accuracy after final_prune % | fit step time vs dense |",
+           "accuracy after final_prune / fine-tuning % | fit step time vs dense, continued |",
            "|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
         if (r["method"], r["compression"]) not in keys:
             keys.append((r["method"], r["compression"]))
-    dense_step = np.median([r["seconds_per_step"] for r in rows if r["method"] == "dense"] or [np.nan])
+    def step_time(group):  # None when a run was too short to time
+        times = [r["seconds_per_step"] for r in group if r["seconds_per_step"] is not None]
+        return float(np.median(times)) if times else float("nan")
+
+    dense_step = step_time([r for r in rows if r["method"] == "dense, continued"])
     for method, c in keys:
         group = [r for r in rows if r["method"] == method and r["compression"] == c]
-        step = np.median([r["seconds_per_step"] for r in group])
+        step = step_time(group)
         out.append(
             f"| {method} | {f'{c:g}' if c else '-'} | {group[0]['epochs']} | "
             f"{np.mean([r['sparsity'] for r in group]):.1%} | "
@@ -198,7 +258,7 @@ def timing_table(timing):
 
 
 def layer_table(rows):
-    gsm = [r for r in rows if r["method"].startswith("GSM")]
+    gsm = [r for r in rows if r["method"].startswith("GSM") and "sampled" not in r["method"]]
     if not gsm:
         return ""
     layers = list(gsm[0]["layer_sparsity"])
@@ -223,7 +283,10 @@ def main():
     p.add_argument("--gsm-init", choices=["pretrained", "scratch"], default="pretrained",
                    help="start GSM from the trained dense model (the official pipeline) or from init")
     p.add_argument("--samples", type=int, default=10000)
-    p.add_argument("--compressions", type=float, nargs="+", default=[10, 50])
+    p.add_argument("--compressions", type=float, nargs="+", default=[10, 30, 60])
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    p.add_argument("--methods", nargs="+", default=["gsm", "gsm-sample", "magnitude-ft", "tfmot"],
+                   choices=["gsm", "gsm-sample", "magnitude-ft", "tfmot"])
     p.add_argument("--lr", type=float, default=0.1, help="dense SGD-Nesterov(0.9) learning rate")
     p.add_argument("--gsm-lr", type=float, default=0.02, help="GSM learning rate (momentum 0.99)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
@@ -249,6 +312,7 @@ def main():
     if not a.skip_accuracy:
         rows = []
         data = (train, test)
+        workdir = tempfile.mkdtemp(prefix="gsm_bench_")
         for seed in range(a.seeds):
             r, weights = run_dense(seed, data, a, a.epochs)
             rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))
@@ -262,11 +326,20 @@ def main():
                 print(f"seed {seed} dense continued acc {r['accuracy']:.4f}", flush=True)
             total = a.gsm_epochs + (a.epochs if a.gsm_init == "pretrained" else 0)
             for c in a.compressions:
-                r = run_gsm(c, seed, data, a, weights=start_from)
-                rows.append(dict(method=f"GSM ({a.gsm_init})", compression=c, epochs=total, seed=seed, **r))
-                print(f"seed {seed} GSM x{c:g} acc {r['accuracy']:.4f} -> pruned {r['accuracy_pruned']:.4f} "
-                      f"(sparsity {r['sparsity']:.3f}, mean |w| kept {r['mean_abs_kept']:.2e} "
-                      f"pruned {r['mean_abs_pruned']:.2e})", flush=True)
+                for method in a.methods:
+                    if method.startswith("gsm"):
+                        how = "sample" if method == "gsm-sample" else "histogram"
+                        r = run_gsm(c, seed, data, a, weights=start_from, threshold_method=how)
+                        name = f"GSM ({a.gsm_init}{', sampled threshold' if how == 'sample' else ''})"
+                    elif method == "magnitude-ft":
+                        r = run_magnitude_finetune(c, seed, data, a, weights)
+                        name = "magnitude prune + fine-tune"
+                    else:
+                        r = run_tfmot(c, seed, data, a, weights, workdir)
+                        name = "tfmot prune_low_magnitude"
+                    rows.append(dict(method=name, compression=c, epochs=total, seed=seed, **r))
+                    print(f"seed {seed} {name} x{c:g} acc {r['accuracy']} -> {r['accuracy_pruned']:.4f} "
+                          f"(sparsity {r['sparsity']:.3f})", flush=True)
         results["accuracy"] = rows
         print()
         print(accuracy_table(rows))

@@ -90,16 +90,19 @@ def numpy_gsm(weights, grads_per_step, pool, q, lr, beta, eta, nesterov):
     return w, z
 
 
+@pytest.mark.parametrize("method", ["histogram", "sample"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_update_rule_matches_numpy(nesterov, fused, monkeypatch):
+def test_update_rule_matches_numpy(nesterov, fused, method, monkeypatch):
+    # A 20-weight pool fits in the sample: "sample" is exact here too.
     monkeypatch.setattr(GlobalSparseMomentum, "fused_kernel", fused)
     model = tiny_model()
     variables = model.trainable_variables  # a/kernel, a/bias, b/kernel, b/bias
     start = [v.numpy() for v in variables]
     rng = np.random.default_rng(1)
     grads = [[rng.normal(size=v.shape).astype("float32") for v in variables] for _ in range(4)]
-    opt = GlobalSparseMomentum(0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, compression=4)
+    opt = GlobalSparseMomentum(0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, compression=4,
+                               threshold_method=method)
     for g in grads:
         opt.apply([tf.constant(a) for a in g], variables)
     assert opt.pool_size == 20 and opt.q == 5
@@ -150,6 +153,26 @@ def test_histogram_and_exact_thresholds_give_the_same_masks(mnist1d_data):
         masks[method] = found
     for a, b in zip(masks["histogram"], masks["exact"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_sampled_threshold_selects_about_q_and_mostly_the_same_weights():
+    keras.utils.set_random_seed(0)
+    model = tfs.zoo.mnist1d_mlp(hidden=(512, 256))  # 154k pool weights: sampled, not whole
+    variables = model.trainable_variables
+    x = np.random.default_rng(0).normal(size=(256, 40)).astype("float32")
+    y = np.arange(256) % 10
+    with tf.GradientTape() as tape:
+        loss = LOSS(y, model(x, training=True))
+    grads = tape.gradient(loss, variables)
+    opt = GlobalSparseMomentum(0.01, compression=10, threshold_method="sample")
+    opt.build(variables)
+    threshold = [t for t in opt._global_masks(list(grads), variables) if t is not None][0]
+    scores = np.concatenate([np.abs(v.numpy() * g.numpy()).ravel()
+                             for v, g in zip(variables, grads) if len(v.shape) >= 2])
+    exact = np.sort(scores)[-opt.q]
+    kept = int((scores >= float(threshold)).sum())
+    assert abs(kept - opt.q) < 0.05 * opt.q, (kept, opt.q)
+    assert abs(float(threshold) - exact) < 0.05 * exact
 
 
 def test_magnitude_metric_and_ramp():

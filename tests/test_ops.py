@@ -57,3 +57,17 @@ def test_global_topk_masks_keeps_shapes():
 def test_topk_mask_rejects_unknown_method():
     with pytest.raises(ValueError, match="`method`"):
         sops.topk_mask(np.ones(3, "float32"), 1, method="fast")
+
+
+def test_sampled_threshold_is_exact_on_small_pools_and_close_on_large():
+    scores = np.random.default_rng(0).permutation(1000).astype("float32")
+    assert float(sops.sampled_threshold([scores[:600], scores[600:]], 25)) == 975.0
+    rng = np.random.default_rng(1)
+    a = np.abs(rng.normal(size=(1024, 512))).astype("float32")
+    b = np.abs(rng.standard_cauchy(size=(64, 256))).astype("float32")  # heavy tail, other scale
+    every = np.concatenate([a.ravel(), b.ravel()])
+    k = every.size // 10  # expected relative error ~1.7%
+    xla = tf.function(lambda a, b, off: sops.sampled_threshold([a, b], k, offset=off), jit_compile=True)
+    kept = [int((every >= float(xla(a, b, off))).sum()) for off in range(4)]
+    assert all(abs(n - k) < 0.07 * k for n in kept), kept
+    assert len(set(kept)) > 1  # the offset moves the sample
