@@ -287,8 +287,10 @@ def test_stripped_unrolled_int8_runs_on_litert_and_tflm(kind):
 
     reference = Interpreter(model_content=blob, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
     reference.allocate_tensors()
-    ops = {op["op_name"] for op in reference._get_ops_details()}
-    assert "WHILE" not in ops and "FULLY_CONNECTED" in ops
+    op_list = [op["op_name"] for op in reference._get_ops_details()]
+    ops = set(op_list)
+    # The cell's projections are 1x1 CONV_2D (the export form); only the Dense head is FULLY_CONNECTED.
+    assert "WHILE" not in ops and "CONV_2D" in ops and op_list.count("FULLY_CONNECTED") == 1
     assert not {"DEQUANTIZE", "QUANTIZE"} & ops  # int8 end to end
     inp, out = reference.get_input_details()[0], reference.get_output_details()[0]
     assert inp["dtype"] == np.int8 and out["dtype"] == np.int8
@@ -303,6 +305,65 @@ def test_stripped_unrolled_int8_runs_on_litert_and_tflm(kind):
         micro.invoke()
         got = micro.get_output(0).astype(int)
         assert np.abs(got - expected).max() <= 1  # within one quantization step
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_conv_projection_is_the_same_cell(kind, tmp_path):
+    # projection="conv" (the int8 export form) changes the ops, not the weights or outputs.
+    layer = KINDS[kind][0](UNITS, max_rank=(None, 4))
+    model = model_with(layer)
+    prune_some(layer)
+    x = sequences()
+    plain = layer.stripped_layer()
+    conv = layer.stripped_layer(projection="conv")
+    assert (plain.cell.projection, conv.cell.projection) == ("matmul", "conv")
+    assert layer.stripped_layer(unroll=True).cell.projection == "conv"  # unrolled = export form
+    np.testing.assert_allclose(conv(x), plain(x), atol=1e-5)
+    np.testing.assert_allclose(conv(x), layer(x), atol=1e-5)
+    again = keras.layers.RNN.from_config(conv.get_config())
+    assert again.cell.projection == "conv"
+    with pytest.raises(ValueError, match="projection"):
+        KINDS[kind][2](UNITS, projection="dense")
+
+
+def test_conv_projection_is_bit_exact_on_tflm_and_litert_reference():
+    # The property the export form relies on: one int8 1x1 CONV_2D computes the
+    # same on tflite-micro as on LiteRT's reference kernels (their int8
+    # FULLY_CONNECTED kernels round differently: docs/low_rank.md).
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    from tflite_micro.python.tflite_micro import runtime
+
+    keras.utils.set_random_seed(0)
+    weights = np.random.default_rng(0).normal(size=(32, 96)).astype("float32")
+    inputs = keras.Input((32,), batch_size=1)
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: lr._conv_matmul(t, weights))(inputs))
+    x = np.random.default_rng(1).normal(size=(100, 32)).astype("float32")
+    np.testing.assert_allclose(model(x[:1]), x[:1] @ weights, rtol=1e-5, atol=1e-4)
+    blob = _int8_tflite(model, x)
+    reference = Interpreter(model_content=blob, experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    reference.allocate_tensors()
+    assert "CONV_2D" in {op["op_name"] for op in reference._get_ops_details()}
+    inp, out = reference.get_input_details()[0], reference.get_output_details()[0]
+    scale, zero = inp["quantization"]
+    micro = runtime.Interpreter.from_bytes(blob)
+    for sample in x:
+        q = np.clip(np.round(sample[None] / scale + zero), -128, 127).astype(np.int8)
+        reference.set_tensor(inp["index"], q)
+        reference.invoke()
+        micro.set_input(q, 0)
+        micro.invoke()
+        np.testing.assert_array_equal(micro.get_output(0), reference.get_tensor(out["index"]))
+
+
+def test_export_convert_uses_the_conv_form_for_tflm():
+    layer = lr.LowRankGRU(UNITS, max_rank=(None, 4))
+    model = model_with(layer, steps=16, features=1)
+    prune_some(layer)
+    x = sequences(40, steps=16, features=1, seed=5)
+    result = tfs.export.convert(model, target="tflm", representative_data=x)
+    ops = result.report.ops
+    assert "WHILE" not in ops and ops.get("CONV_2D", 0) > 0 and ops.get("FULLY_CONNECTED", 0) == 1
+    assert result.report.tflm["max_diff_vs_reference_steps"] <= 1
 
 
 def test_docstring_examples(monkeypatch):

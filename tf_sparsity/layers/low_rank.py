@@ -557,12 +557,13 @@ class _LowRankCell(keras.layers.Layer):
                              states)
 
     # -- strip / summary -----------------------------------------------------
-    def stripped_cell(self):
+    def stripped_cell(self, projection="matmul"):
         """A built `Factorized*Cell` holding only the rank-r factors; same outputs.
 
         Each matrix becomes two dense factors `[rows, r]`, `[r, cols]` (σ
         folded in), or one dense `[rows, cols]` matrix where that stores
-        fewer numbers (e.g. a 1-feature input matrix).
+        fewer numbers (e.g. a 1-feature input matrix). `projection`: see
+        `FactorizedGRUCell` ("conv" is the int8 export form).
         """
         weights, ranks = [], []
         for matrix in self.matrices():
@@ -576,7 +577,7 @@ class _LowRankCell(keras.layers.Layer):
                 weights.append([left @ right])
         config = self._architecture_config()
         config.update(input_rank=ranks[0], recurrent_rank=ranks[1], name=self.name,
-                      dtype=self.dtype_policy)
+                      dtype=self.dtype_policy, projection=projection)
         cell = self.stripped_class(**config)
         cell.build((None, self.input_matrix.rows))
         for variable, value in zip(cell.kernel_weights + cell.recurrent_weights, weights[0] + weights[1]):
@@ -641,15 +642,45 @@ def _summary_row(cell, timesteps, name):
 # --------------------------------------------------------------------------
 # factorized (stripped, deployable) cells
 
+PROJECTIONS = ("matmul", "conv")
+
+
+def _conv_matmul(x, w):
+    """`x @ w` (x: [batch, k], w: [k, n]) as a 1x1 convolution: one CONV_2D op in TFLite.
+
+    The int8 export form of the factorized cells (`projection="conv"`).
+    Measured (tflite-micro vs ai_edge_litert 2.3 BUILTIN_REF, one int8 op
+    with identical inputs): FULLY_CONNECTED outputs differ by one step in
+    ~0.1-0.2% of elements (LiteRT's reference FULLY_CONNECTED rounds the
+    requantization once, `(acc·M + 2^(s-1)) >> s`; tflite-micro rounds twice,
+    gemmlowp's doubling high multiply then a rounding shift), which an
+    unrolled recurrence compounds to tens of steps; CONV_2D, ADD, MUL,
+    LOGISTIC and TANH agree bit for bit.
+    """
+    k, n = w.shape
+    y = ops.conv(ops.reshape(x, (-1, 1, 1, k)), ops.reshape(ops.cast(w, x.dtype), (1, 1, k, n)),
+                 padding="valid", data_format="channels_last")
+    return ops.reshape(y, (-1, n))
+
+
 class _FactorizedCell(keras.layers.Layer):
-    """Base of the deployable cells: per matrix, dense, rank-r factors, or nothing."""
+    """Base of the deployable cells: per matrix, dense, rank-r factors, or nothing.
+
+    `projection`: "matmul" (FULLY_CONNECTED in TFLite) or "conv" (each
+    product a 1x1 CONV_2D, the int8 export form: tflite-micro and LiteRT's
+    reference kernels compute it identically, see `_conv_matmul`). Same
+    weights, same float outputs.
+    """
 
     def __init__(self, units, input_rank=None, recurrent_rank=None, activation="tanh",
                  recurrent_activation="sigmoid", kernel_initializer="glorot_uniform",
-                 recurrent_initializer="orthogonal", **kwargs):
+                 recurrent_initializer="orthogonal", projection="matmul", **kwargs):
         super().__init__(**kwargs)
         self._init_architecture(units, activation, recurrent_activation)
         self._init_state()
+        if projection not in PROJECTIONS:
+            raise ValueError(f"`projection` must be one of {PROJECTIONS}; received {projection!r}.")
+        self.projection = projection
         for argument, value in (("input_rank", input_rank), ("recurrent_rank", recurrent_rank)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
                                       or value < 0):
@@ -686,14 +717,16 @@ class _FactorizedCell(keras.layers.Layer):
 
         Per gate, not one wide matmul + split: in full-int8 conversion the
         converter sometimes left SPLIT in float (DEQUANTIZE / QUANTIZE around
-        it), and separate FULLY_CONNECTED ops give each gate its own scale.
+        it), and separate ops give each gate its own scale. Each product is a
+        FULLY_CONNECTED op, or a 1x1 CONV_2D with `projection="conv"`.
         """
         if not weights:  # matrix thresholded away entirely
             zeros = ops.zeros((ops.shape(x)[0], self.units), dtype=x.dtype)
             return [zeros] * self.gates
+        matmul = _conv_matmul if self.projection == "conv" else ops.matmul
         if len(weights) == 2:
-            x = ops.matmul(x, weights[0])
-        return [ops.matmul(x, w) for w in self._gate_slices(weights[-1])]
+            x = matmul(x, weights[0])
+        return [matmul(x, w) for w in self._gate_slices(weights[-1])]
 
     def call(self, inputs, states, training=False):
         h = states[0] if isinstance(states, (list, tuple)) else states
@@ -722,6 +755,7 @@ class _FactorizedCell(keras.layers.Layer):
             input_rank=self.input_rank, recurrent_rank=self.recurrent_rank,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             recurrent_initializer=keras.initializers.serialize(self.recurrent_initializer),
+            projection=self.projection,
         )
         return config
 
@@ -741,6 +775,10 @@ class FactorizedGRUCell(_GRU, _FactorizedCell):
     is exactly `keras.layers.GRUCell`), r >= 1 stores `[rows, r]` and
     `[r, 3·units]` factors, 0 drops the matrix. `tfs.strip` creates these
     from `LowRankGRUCell`; they also train as ordinary fixed-rank cells.
+    `projection`: "matmul" (default) or "conv", the int8 export form: each
+    product a 1x1 CONV_2D, which tflite-micro and LiteRT's reference kernels
+    compute bit for bit alike (their int8 FULLY_CONNECTED kernels round
+    differently, and a recurrence compounds that); same weights and outputs.
 
     >>> cell = FactorizedGRUCell(8, input_rank=None, recurrent_rank=2)
     >>> tuple(keras.layers.RNN(cell)(np.zeros((1, 5, 3), "float32")).shape)
@@ -866,14 +904,17 @@ def _rnn_kwargs(layer):
                 zero_output_for_mask=layer.zero_output_for_mask)
 
 
-def stripped_rnn(layer, unroll=None):
+def stripped_rnn(layer, unroll=None, projection=None):
     """`keras.layers.RNN(stripped cell)` for an RNN layer with a low-rank STR cell.
 
     The result is a built plain `keras.layers.RNN` with the same flags
     (`return_sequences`, ...), holding a `Factorized*Cell` with the learned
     rank-r factors; outputs equal the input layer's. `unroll` overrides the
-    layer's flag: exporters pass `unroll=True` to get FULLY_CONNECTED ops
-    instead of a WHILE loop (needs a static sequence length).
+    layer's flag: exporters pass `unroll=True` to get plain ops instead of a
+    WHILE loop (needs a static sequence length). `projection` is the cell's
+    (see `FactorizedGRUCell`); None means "conv" when the result is unrolled
+    (the export form: 1x1 CONV_2D ops, which tflite-micro and LiteRT's
+    reference kernels compute identically in int8) and "matmul" otherwise.
 
     >>> rnn = keras.layers.RNN(LowRankGRUCell(8, max_rank=(None, 2)))
     >>> _ = rnn(np.zeros((1, 5, 3), "float32"))
@@ -887,7 +928,10 @@ def stripped_rnn(layer, unroll=None):
     kwargs = _rnn_kwargs(layer)
     if unroll is not None:
         kwargs["unroll"] = bool(unroll)
-    new = keras.layers.RNN(cell.stripped_cell(), name=layer.name, dtype=layer.dtype_policy, **kwargs)
+    if projection is None:
+        projection = "conv" if kwargs["unroll"] else "matmul"
+    new = keras.layers.RNN(cell.stripped_cell(projection), name=layer.name, dtype=layer.dtype_policy,
+                           **kwargs)
     new.build((None, None, cell.input_matrix.rows))
     return new
 
@@ -956,9 +1000,9 @@ class _LowRankRNN(keras.layers.RNN):
     def max_ranks(self):
         return self.cell.max_ranks()
 
-    def stripped_layer(self, unroll=None):
+    def stripped_layer(self, unroll=None, projection=None):
         """Plain `keras.layers.RNN(Factorized*Cell)`, built, same outputs (see `stripped_rnn`)."""
-        return stripped_rnn(self, unroll=unroll)
+        return stripped_rnn(self, unroll=unroll, projection=projection)
 
     def summary_row(self):
         return rnn_summary_row(self)
