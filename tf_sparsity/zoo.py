@@ -43,15 +43,19 @@ def mnist1d_mlp(hidden=(512, 512), num_classes=10, seq_len=40, weight_decay=0.0,
 VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 
 
-def vgg16_bn(input_shape=(32, 32, 3), classes=100, name="vgg16_bn"):
+def vgg16_bn(input_shape=(32, 32, 3), classes=100, name="vgg16_bn", kernel_initializer="paper"):
     """VGG-16 with batch norm for CIFAR-sized inputs, as in the SynFlow paper.
 
     13 conv3x3-BN-ReLU layers (the last block without pooling), global average
-    pooling and one linear classifier: 14.7M prunable weights.
+    pooling and one linear classifier: 14.7M prunable weights. Kernels start
+    as in the SynFlow code ("paper": He normal, fan-in, untruncated -- PyTorch's
+    `kaiming_normal_`), zero biases; pass any Keras initializer instead.
 
     >>> tfs.zoo.vgg16_bn().count_params()  # doctest: +SKIP
     """
     layers = keras.layers
+    if kernel_initializer == "paper":
+        kernel_initializer = keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
     inputs = keras.Input(input_shape, name="image")
     x = inputs
     conv = 0
@@ -60,8 +64,9 @@ def vgg16_bn(input_shape=(32, 32, 3), classes=100, name="vgg16_bn"):
             x = layers.MaxPooling2D(2)(x)
             continue
         conv += 1
-        x = layers.Conv2D(item, 3, padding="same", name=f"conv{conv}")(x)
+        x = layers.Conv2D(item, 3, padding="same", kernel_initializer=kernel_initializer, name=f"conv{conv}")(x)
         x = layers.BatchNormalization(name=f"bn{conv}")(x)
         x = layers.ReLU()(x)
     x = layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, layers.Dense(classes, name="fc")(x), name=name)
+    outputs = layers.Dense(classes, kernel_initializer=kernel_initializer, name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
