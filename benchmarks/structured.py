@@ -3,12 +3,22 @@
     python benchmarks/structured.py --seeds 3 --epochs 20
 
 Per seed: train the dense CNN (SGD-Nesterov 0.1, cosine, 20 epochs, L2 5e-4).
-Channel-STR trains from scratch with `granularity="channel"` and
-`TargetSparsity(--channel-target)`; `tfs.strip` removes the zeroed filters and
-its MACs ratio f sets the budget of the others: greedy (local / global with
-Taylor ranking / auto), L1-norm and random channel selection prune the dense
-model to `flops=f`, each followed by the same imitation fine-tune
-(`--finetune-steps` Adam steps on the dense model's outputs).
+Channel-STR trains from scratch for the same epochs with
+`granularity="channel"`, the hard group mask (`shrink=False`,
+`learn_threshold=False`) and `TargetSparsity(--channel-target)`; `tfs.strip`
+removes the zeroed filters and its MACs ratio f sets the budget of the others:
+greedy (local / global with Taylor ranking / auto), L1-norm and random channel
+selection prune the dense model to `flops=f`, each followed by the same
+imitation fine-tune (`--finetune-steps` Adam steps on the dense model's
+outputs). Two more rows: channel-STR with the shrinking group soft threshold
+(`shrink=True`, STR's proximal step), and the stripped channel-STR
+architecture re-initialized and trained from scratch like the dense model
+(does STR pick the channels, or is the narrower network simply better?).
+
+Every final model is exported with `tfs.export.convert(target="tflm")` (int8)
+and timed on tflite-micro (host build, Python-driven): median invoke time,
+rounds interleaved across the seed's models so load on the shared machine
+hits all alike.
 """
 
 import argparse
@@ -25,7 +35,9 @@ import numpy as np  # noqa: E402
 import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity import surgery  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
+import tf_sparsity.export  # noqa: E402,F401
 from tf_sparsity.pruning.greedy import _budgets, _imitate  # noqa: E402
+from export_targets import time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
 
 HERE = pathlib.Path(__file__).parent
 
@@ -46,12 +58,35 @@ def random_channels(model, flops, x, steps, seed):
     return pruned
 
 
+def channel_str(epochs, target, shrink, train, test):
+    """Channel-STR from scratch (logits left dense), stripped to the smaller model."""
+    model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn(), granularity="channel", weight_decay=5e-4,
+                               learn_threshold=False, shrink=shrink, skip=["logits"])
+    train_classifier(model, train, test, epochs=epochs, callbacks=[tfs.callbacks.TargetSparsity(target)])
+    return tfs.strip(model)
+
+
+def retrained(model, train, test, epochs, weight_decay=5e-4):
+    """`model`'s architecture re-initialized and trained with the dense recipe."""
+    def fresh(layer):
+        config = layer.get_config()
+        if "kernel_regularizer" in config:  # coupled L2, as tfs.zoo puts on the dense model
+            config["kernel_regularizer"] = keras.regularizers.L2(weight_decay / 2)
+        return layer.__class__.from_config(config)
+
+    new = keras.models.clone_model(model, clone_function=fresh)
+    train_classifier(new, train, test, epochs=epochs)
+    return new
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--channel-target", type=float, default=0.6)
     p.add_argument("--finetune-steps", type=int, default=300)
+    p.add_argument("--tflm-runs", type=int, default=100, help="TFLM invokes per round per model (0: no export)")
+    p.add_argument("--tflm-rounds", type=int, default=5)
     a = p.parse_args()
     train, test = tfs.datasets.mnist1d(num_samples=10000)
     x = train[0]
@@ -62,16 +97,14 @@ def main():
         train_classifier(dense, train, test, epochs=a.epochs)
         dense_flops = tfs.summary(dense, print_fn=None).flops
         rows.append({"method": "dense", "seed": seed, "accuracy": evaluate(dense, test), "flops": 1.0, "seconds": 0})
+        models = {"dense": dense}
         keras.utils.set_random_seed(seed)
-        str_model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn(), granularity="channel", weight_decay=5e-4,
-                                       learn_threshold=False, skip=["logits"])
         start = time.perf_counter()
-        train_classifier(str_model, train, test, epochs=a.epochs,
-                         callbacks=[tfs.callbacks.TargetSparsity(a.channel_target)])
-        small = tfs.strip(str_model)
+        small = channel_str(a.epochs, a.channel_target, False, train, test)
         f = tfs.summary(small, print_fn=None).flops / dense_flops
         rows.append({"method": "channel-str", "seed": seed, "accuracy": evaluate(small, test), "flops": f,
                      "seconds": time.perf_counter() - start})
+        models["channel-str"] = small
         candidates = [
             ("greedy-local", lambda: tfs.greedy_prune(dense, x, objective="local", flops=f, batch_size=512,
                                                       finetune_steps=a.finetune_steps, verbose=0, seed=seed)),
@@ -87,6 +120,8 @@ def main():
                                                           seed=seed)),
             ("l1-norm (no fine-tune)", lambda: tfs.pruning.l1_norm_prune(dense, flops=f)),
             ("random", lambda: random_channels(dense, f, x, a.finetune_steps, seed)),
+            ("channel-str (shrink=True)", lambda: channel_str(a.epochs, a.channel_target, True, train, test)),
+            ("channel-str widths, retrained", lambda: retrained(small, train, test, a.epochs)),
         ]
         for name, make in candidates:
             keras.utils.set_random_seed(seed)
@@ -95,15 +130,31 @@ def main():
             rows.append({"method": name, "seed": seed, "accuracy": evaluate(pruned, test),
                          "flops": tfs.summary(pruned, print_fn=None).flops / dense_flops,
                          "seconds": time.perf_counter() - start})
-        for r in rows[-(len(candidates) + 2):]:
+            models[name] = pruned
+        seed_rows = rows[-(len(candidates) + 2):]
+        if a.tflm_runs:
+            tflite = {name: tfs.export.convert(m, target="tflm", representative_data=x[:256]).tflite
+                      for name, m in models.items()}
+            times = time_interleaved({k: tflm_invoker(v) for k, v in tflite.items()}, a.tflm_runs, a.tflm_rounds,
+                                     warmup=5)
+            for r in seed_rows:
+                r["tflm_us"], r["tflm_bytes"] = times[r["method"]] * 1e6, len(tflite[r["method"]])
+        for r in seed_rows:
             print(f"seed {seed} {r['method']}: acc {r['accuracy']:.4f} flops {r['flops']:.3f} "
-                  f"({r['seconds']:.0f} s)", flush=True)
-    lines = ["| method | MACs / dense | accuracy (mean ± std) | pruning time (s) |", "|---|---|---|---|"]
+                  f"({r['seconds']:.0f} s) tflm {r.get('tflm_us', float('nan')):.0f} us", flush=True)
+    lines = ["| method | MACs / dense | accuracy (mean ± std) | pruning time (s) | int8 .tflite bytes "
+             "| TFLM invoke µs (vs dense) |", "|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == method]
         acc = np.array([r["accuracy"] for r in group]) * 100
+        tflm = "— | —"
+        if all("tflm_us" in r for r in group):
+            dense_us = {r["seed"]: r["tflm_us"] for r in rows if r["method"] == "dense"}
+            speed = np.mean([dense_us[r["seed"]] / r["tflm_us"] for r in group])
+            tflm = (f"{np.mean([r['tflm_bytes'] for r in group]):,.0f} | "
+                    f"{np.mean([r['tflm_us'] for r in group]):.0f} ({speed:.2f}×)")
         lines.append(f"| {method} | {np.mean([r['flops'] for r in group]):.3f} | {acc.mean():.2f} ± {acc.std():.2f} "
-                     f"(n={len(acc)}) | {np.mean([r['seconds'] for r in group]):.0f} |")
+                     f"(n={len(acc)}) | {np.mean([r['seconds'] for r in group]):.0f} | {tflm} |")
     print("\n".join(lines))
     out = HERE / "results" / "structured.json"
     out.parent.mkdir(exist_ok=True)
