@@ -80,6 +80,37 @@ def test_synflow_survives_deep_products_in_float64():
     assert np.isfinite(values).all() and (values > 0).all()
 
 
+def test_synflow_float32_rounds_rescale_scores_by_one_constant():
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    keras.utils.set_random_seed(3)
+    pruner = _Pruner(tfs.surgery.wrap_prunable(bn_cnn(), tfs.layers.Masked), "synflow", None, None, 0)
+    assert pruner.synflow_fast  # zero biases, BN, ReLU: positively homogeneous
+    pruner.step(0.3)  # rescaling must also hold on a pruned network
+    exact = np.concatenate([np.asarray(a).ravel() for a in pruner.scores(fast=False)])
+    fast = np.concatenate([np.asarray(a).ravel() for a in pruner.scores(fast=True)])
+    alive = exact > 0
+    assert fast.dtype == np.float32 and alive.sum() > 100
+    ratio = fast[alive] / exact[alive]
+    np.testing.assert_allclose(ratio, np.median(ratio), rtol=1e-4)
+    assert not fast[~alive].any()
+
+
+@pytest.mark.parametrize("change", ["sigmoid", "bias"])
+def test_synflow_falls_back_to_float64_when_not_homogeneous(change):
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    model = bn_cnn()
+    if change == "sigmoid":
+        inputs = keras.Input((8,))
+        model = keras.Model(inputs, L.Dense(4)(L.Dense(8, activation="sigmoid")(inputs)))
+    else:
+        model.get_layer("fc").bias.assign(np.full(32, 0.1, "float32"))
+    pruner = _Pruner(tfs.surgery.wrap_prunable(model, tfs.layers.Masked), "synflow", None, None, 0)
+    assert not pruner.synflow_fast
+    assert pruner.scores(fast=True)[0].dtype == tf.float64
+
+
 def test_masks_only_shrink_across_rounds():
     from tf_sparsity.pruning.at_init import _Pruner
 

@@ -289,8 +289,13 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
 
     - "synflow": `|theta * dR/dtheta|` with `R = sum(f_|theta|(1))` -- the
       network with all parameters made positive, on an all-ones input,
-      normalization layers in inference mode, computed in float64. No data.
-      Iterative: 100 rounds by default, density `rho ** (k / n)`.
+      normalization layers in inference mode. No data. Iterative: 100
+      rounds by default, density `rho ** (k / n)`. Computed in float64, or
+      -- when the |theta| network is positively homogeneous (ReLU-like
+      layers, zero biases and BN offsets, as at Keras' default init) -- in
+      float32 with every kernel rescaled to unit mean fan-in sum, which
+      multiplies all scores by one constant and so keeps the ranking exact
+      while avoiding overflow.
     - "snip": `|w * dL/dw|` on `data` (normalization in training mode).
     - "grasp": `w * (H g)` (keeps the largest) on `data`, logits / 200.
     - "magnitude": `|w|`; "random": uniform scores (seeded). Both data-free.
