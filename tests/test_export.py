@@ -355,3 +355,26 @@ def test_densify_rewrite_keeps_outputs(x):
     a = runtimes.run_litert(kept.tflite, samples)
     b = runtimes.run_litert(dense_bytes, samples)
     np.testing.assert_allclose(np.array(a), np.array(b), rtol=0, atol=1e-6)
+
+
+def test_op_agreement_compares_each_op_on_identical_inputs():
+    import doctest
+
+    from tf_sparsity.export import runtimes
+
+    m = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(8)])
+    x = np.random.default_rng(0).normal(size=(100, 16)).astype("float32")
+    blob = export.convert(m, quantize="int8", representative_data=x, verify=False).tflite
+    params = runtimes.io_params(runtimes.litert_interpreter(blob).get_input_details()[0])
+    samples = [[runtimes.quantize(row[None], params, np.int8)] for row in x[:20]]
+    result = runtimes.op_agreement(blob, samples)
+    fc = result["by_op"]["FULLY_CONNECTED"]
+    assert fc["compared"] >= 20 and fc["elements"] >= 20 * 32  # the first FC always has identical inputs
+    assert fc["max_steps"] <= 1  # one op on identical inputs: at most one rounding step
+    first = result["first_divergence"]
+    assert first is None or (first["op"] == "FULLY_CONNECTED" and 0 <= first["sample"] < 20)
+    finder = doctest.DocTestFinder()
+    runner = doctest.DocTestRunner()
+    for test in finder.find(runtimes.op_agreement, "op_agreement", globs={"op_agreement": runtimes.op_agreement}):
+        runner.run(test)
+    assert runner.failures == 0 and runner.tries > 0

@@ -337,6 +337,26 @@ def align_with_dense(data, donor, copy=()):
     return write(model)
 
 
+def expose_op_outputs(data):
+    """Every op output of the main subgraph made a model output -> (bytes, ops).
+
+    For op-by-op comparisons between runtimes: the exposed tensors stay alive
+    (the memory planner cannot reuse them) and both interpreters return them
+    as outputs, the original outputs first. `ops` lists, in execution order,
+    `(op name, output position)` of each op's first output.
+    """
+    model = read(data)
+    sub = model.subgraphs[0]
+    outputs = [int(i) for i in (sub.outputs if sub.outputs is not None else [])]
+    ops = []
+    for op in sub.operators or []:
+        exposed = [int(i) for i in op.outputs if i >= 0]
+        outputs += [i for i in exposed if i not in outputs]
+        ops.append((op_name(model, op)[0], outputs.index(exposed[0]) if exposed else None))
+    sub.outputs = np.array(outputs, dtype=np.int32)
+    return write(model), ops
+
+
 def _name(tensor):
     return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 

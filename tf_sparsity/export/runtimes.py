@@ -166,6 +166,59 @@ def _io_counts(tflite):
     return len(main.inputs), len(main.outputs)
 
 
+def op_agreement(tflite, samples):
+    """Which ops tflite-micro computes differently from LiteRT's reference kernels.
+
+    Runs `samples` (lists of input arrays in the model's dtypes, as
+    `run_litert`) on both runtimes with every op output exposed, and compares
+    each op only where all its inputs are identical in both, so a difference
+    is that op's own (not inherited). Returns a dict: `by_op` maps op names
+    to `{"compared", "differing", "elements", "differing_elements",
+    "max_steps"}` (ops, then output elements); `first_divergence` is the
+    first differing op in execution order, `{"op_index", "op", "sample"}`, or
+    None. Measured with it: int8 FULLY_CONNECTED differs (requantization
+    rounding), CONV_2D does not (docs/low_rank.md).
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> x = np.random.default_rng(0).normal(size=(50, 8)).astype("float32")
+    >>> blob = tfs.export.convert(m, quantize="int8", representative_data=x, verify=False).tflite
+    >>> result = op_agreement(blob, [[np.ones((1, 8), "int8")]])
+    >>> sorted(result["by_op"]), result["by_op"]["FULLY_CONNECTED"]["compared"]
+    (['FULLY_CONNECTED'], 1)
+    """
+    from tf_sparsity.export import flatbuffer
+
+    exposed, ops = flatbuffer.expose_op_outputs(tflite)
+    model = flatbuffer.read(exposed)
+    sub = model.subgraphs[0]
+    position = {int(t): k for k, t in enumerate(sub.outputs)}
+    inputs = [int(i) for i in sub.inputs]
+    reference = run_litert(exposed, samples, reference=True)
+    micro = run_tflm(exposed, samples, generous_arena(exposed))
+    by_op, first = {}, None
+    for n, (ref_row, micro_row, sample) in enumerate(zip(reference, micro, samples)):
+        values = {t: (np.asarray(ref_row[k]), np.asarray(micro_row[k])) for t, k in position.items()}
+        values.update({t: (np.asarray(x), np.asarray(x)) for t, x in zip(inputs, sample)})
+        for index, (op, (name, k)) in enumerate(zip(sub.operators, ops)):
+            if k is None or any(int(i) in values and not np.array_equal(*values[int(i)])
+                                for i in op.inputs if i >= 0):
+                continue
+            r, m = (a.astype(np.int64) if a.dtype.kind in "iu" else a for a in (ref_row[k], micro_row[k]))
+            stats = by_op.setdefault(name, {"compared": 0, "differing": 0, "elements": 0,
+                                            "differing_elements": 0, "max_steps": 0})
+            differ = r != m
+            stats["compared"] += 1
+            stats["differing"] += int(differ.any())
+            stats["elements"] += int(r.size)
+            stats["differing_elements"] += int(differ.sum())
+            if differ.any():
+                stats["max_steps"] = max(stats["max_steps"], float(np.max(np.abs(r - m))))
+                if first is None or (index, n) < (first["op_index"], first["sample"]):
+                    first = {"op_index": index, "op": name, "sample": n}
+    return {"by_op": by_op, "first_divergence": first}
+
+
 _ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 
 # Probes arenas in a child process: a too-small arena can crash tflite-micro

@@ -654,8 +654,9 @@ def _conv_matmul(x, w):
     ~0.1-0.2% of elements (LiteRT's reference FULLY_CONNECTED rounds the
     requantization once, `(acc·M + 2^(s-1)) >> s`; tflite-micro rounds twice,
     gemmlowp's doubling high multiply then a rounding shift), which an
-    unrolled recurrence compounds to tens of steps; CONV_2D, ADD, MUL,
-    LOGISTIC and TANH agree bit for bit.
+    unrolled recurrence compounds to tens of steps; CONV_2D, ADD, SUB and
+    TANH agree bit for bit, MUL and LOGISTIC differ only at rare near-ties
+    (docs/low_rank.md).
     """
     k, n = w.shape
     y = ops.conv(ops.reshape(x, (-1, 1, 1, k)), ops.reshape(ops.cast(w, x.dtype), (1, 1, k, n)),
@@ -666,10 +667,8 @@ def _conv_matmul(x, w):
 class _FactorizedCell(keras.layers.Layer):
     """Base of the deployable cells: per matrix, dense, rank-r factors, or nothing.
 
-    `projection`: "matmul" (FULLY_CONNECTED in TFLite) or "conv" (each
-    product a 1x1 CONV_2D, the int8 export form: tflite-micro and LiteRT's
-    reference kernels compute it identically, see `_conv_matmul`). Same
-    weights, same float outputs.
+    `projection`: "matmul" (FULLY_CONNECTED in TFLite) or "conv" (the int8
+    export form, see `_conv_matmul`).
     """
 
     def __init__(self, units, input_rank=None, recurrent_rank=None, activation="tanh",
