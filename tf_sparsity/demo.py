@@ -29,7 +29,10 @@ def _methods(quick, epochs, steps_per_epoch):
             model = soft_threshold(zoo.mnist1d_cnn(), weight_decay=5e-4, learn_threshold=learn,
                                    granularity=granularity, block_shape=(4, 1),
                                    shrink=granularity == "weight")
-            return model, {"callbacks": [callbacks.TargetSparsity(target), callbacks.SparsityMonitor()]}, strip
+            # One dense warm-up epoch: thresholding from step 0, during MNIST-1D's
+            # initial loss plateau, trapped STR@0.95 at 53% (89% with the warm-up).
+            steer = callbacks.TargetSparsity(target, begin_step=steps_per_epoch)
+            return model, {"callbacks": [steer, callbacks.SparsityMonitor()]}, strip
         return build
 
     def gsm(dense):
