@@ -53,9 +53,22 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 # ------------------------------------------------------------- step time
-def _compiled_step(optimizer, seed=0):
+TIMING_MODELS = {
+    # ~1.1M parameters each: the MLP is the worst case for GSM's per-weight
+    # overhead (one multiply-add per weight and sample); the MobileNet reuses
+    # each conv weight at every position, like most vision models.
+    "mlp": ("mnist1d_mlp(hidden=(1024, 1024))", lambda: tfs.zoo.mnist1d_mlp(hidden=(1024, 1024)),
+            lambda batch: (np.random.default_rng(0).normal(size=(batch, 40, 1)).astype("float32"))),
+    "mobilenet": ("keras.applications.MobileNet(alpha=0.5, input_shape=(32, 32, 3), classes=10)",
+                  lambda: keras.applications.MobileNet(input_shape=(32, 32, 3), alpha=0.5, weights=None,
+                                                       classes=10, classifier_activation=None),
+                  lambda batch: np.random.default_rng(0).normal(size=(batch, 32, 32, 3)).astype("float32")),
+}
+
+
+def _compiled_step(optimizer, model_name="mlp", seed=0):
     keras.utils.set_random_seed(seed)
-    model = tfs.zoo.mnist1d_mlp(hidden=(1024, 1024))
+    model = TIMING_MODELS[model_name][1]()
     variables = model.trainable_variables
 
     @tf.function
@@ -68,8 +81,8 @@ def _compiled_step(optimizer, seed=0):
     return model, step
 
 
-def step_time(x, y, reps, block, batch_size=128):
-    x = tf.constant(x[:batch_size])
+def step_time(x, y, reps, block, batch_size=128, model_name="mlp"):
+    x = tf.constant(TIMING_MODELS[model_name][2](batch_size))
     y = tf.constant(y[:batch_size])
     runs = {
         "SGD(momentum=0.99)": keras.optimizers.SGD(0.01, momentum=0.99),
@@ -79,7 +92,7 @@ def step_time(x, y, reps, block, batch_size=128):
     }
     steps = {}
     for name, opt in runs.items():
-        model, steps[name] = _compiled_step(opt)
+        model, steps[name] = _compiled_step(opt, model_name)
         params = model.count_params()
         for _ in range(5):  # trace and warm up
             steps[name](x, y)
@@ -97,7 +110,7 @@ def step_time(x, y, reps, block, batch_size=128):
     sgd_min = float(np.min(times["SGD(momentum=0.99)"]))
     pool = runs["GSM histogram"].pool_size
     return {
-        "model": "mnist1d_mlp(hidden=(1024, 1024))", "params": params, "pool": pool,
+        "model": TIMING_MODELS[model_name][0], "params": params, "pool": pool,
         "batch_size": batch_size, "reps": reps, "block": block,
         "rows": [
             {"optimizer": name, "ms_per_step": 1e3 * float(np.median(t)),
@@ -248,7 +261,8 @@ def accuracy_table(rows):
 
 
 def timing_table(timing):
-    out = [f"| optimizer ({timing['params']:,} params, pool {timing['pool']:,}, batch {timing['batch_size']}) "
+    out = [f"| optimizer ({timing['model']}: {timing['params']:,} params, pool {timing['pool']:,}, "
+           f"batch {timing['batch_size']}) "
            "| ms / step (median) | x SGD (median) | ms / step (best block) | x SGD (best) |",
            "|---|---|---|---|---|"]
     for r in timing["rows"]:
@@ -292,6 +306,7 @@ def main():
     p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
     p.add_argument("--gsm-weight-decay", type=float, default=5e-3, help="GSM coupled L2")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--timing-models", nargs="+", default=["mlp", "mobilenet"], choices=sorted(TIMING_MODELS))
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--skip-timing", action="store_true")
@@ -306,8 +321,10 @@ def main():
                            "loadavg_at_start": os.getloadavg()}}
     if not a.skip_timing:
         results["timing"] = []
-        for batch_size in a.batch_sizes:
-            results["timing"].append(step_time(*train, reps=a.reps, block=a.block, batch_size=batch_size))
+        for model_name in a.timing_models:
+            for batch_size in a.batch_sizes if model_name == "mlp" else a.batch_sizes[:1]:
+                results["timing"].append(step_time(*train, reps=a.reps, block=a.block, batch_size=batch_size,
+                                                   model_name=model_name))
             print(timing_table(results["timing"][-1]), "\n", flush=True)
     if not a.skip_accuracy:
         rows = []

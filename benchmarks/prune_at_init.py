@@ -98,9 +98,10 @@ def main():
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--compressions", type=float, nargs="+", default=[10, 100])
+    p.add_argument("--out", help="result file (default benchmarks/results/prune_at_init_<part>.json)")
     a = p.parse_args()
     result = {"collapse": collapse, "timing": timing, "accuracy": accuracy}[a.part](a)
-    out = HERE / "results" / f"prune_at_init_{a.part}.json"
+    out = pathlib.Path(a.out) if a.out else HERE / "results" / f"prune_at_init_{a.part}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "result": result}, indent=1))
 

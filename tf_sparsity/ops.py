@@ -206,8 +206,9 @@ def sampled_threshold(score_list, k, sample_size=32768, offset=0):
     axis, shifted by `offset` so successive calls see different entries;
     tensors smaller than their share are taken whole), each sample weighted
     by the entries it stands for. The threshold is then found by bisection on
-    the float32 bit pattern (monotone for non-negative floats): 31 counting
-    passes over the sample, static shapes, so it compiles with XLA and never
+    the float32 bit pattern (monotone for non-negative floats, resolved to
+    0.05% of the value): 20 counting passes over the sample, static shapes,
+    so it compiles with XLA and never
     touches the unsampled entries -- inside one XLA program the score
     expression is evaluated only at the sampled positions. Scores must be
     non-negative.
@@ -237,10 +238,12 @@ def sampled_threshold(score_list, k, sample_size=32768, offset=0):
     sample = tf.bitcast(tf.maximum(tf.concat(samples, 0), 0.0), tf.int32)
     weight = tf.concat(weights, 0)
     k = tf.cast(k, tf.float32)
-    low, high = tf.constant(0, tf.int32), tf.constant(2**31 - 1, tf.int32)
-    for _ in range(31):  # invariant: weighted count(sample >= low) >= k
-        mid = low + (high - low) // 2 + 1
-        enough = tf.reduce_sum(tf.where(sample >= mid, weight, 0.0)) >= k
-        low = tf.where(enough, mid, low)
-        high = tf.where(enough, high, mid - 1)
+    # Bisection fixes one bit per pass from the top: after 20 passes the
+    # exponent and 11 mantissa bits are set (0.05% of the value, far below
+    # the sampling error) -- the remaining 11 passes would buy nothing.
+    low, step = tf.constant(0, tf.int32), 1 << 30
+    for _ in range(20):  # invariant: weighted count(sample >= low) >= k
+        enough = tf.reduce_sum(tf.where(sample >= low + step, weight, 0.0)) >= k
+        low = tf.where(enough, low + step, low)
+        step //= 2
     return tf.bitcast(low, tf.float32)
