@@ -1,31 +1,31 @@
-"""GSM vs plain momentum SGD: step time (~1M params) and MNIST-1D accuracy.
+"""GSM vs momentum SGD, magnitude pruning + fine-tuning and tfmot: accuracy and step time.
 
-    python benchmarks/gsm_vs_sgd.py --seeds 3 --out benchmarks/results/gsm.json
+    python benchmarks/gsm_vs_sgd.py --skip-timing --seeds 3 --model cnn --out benchmarks/results/gsm_cnn.json
+    python benchmarks/gsm_vs_sgd.py --skip-timing --seeds 3 --model lenet --out benchmarks/results/gsm_lenet.json
+    python benchmarks/gsm_vs_sgd.py --skip-accuracy --reps 30 --out benchmarks/results/gsm_timing.json
 
-1. Step time. `tfs.zoo.mnist1d_mlp(hidden=(1024, 1024))` (1.10M parameters,
-   one global pool of 1.09M kernel entries), batch 128, a compiled custom
-   training step (`tf.function`: forward, gradient, `optimizer.apply`). Plain
-   `keras.optimizers.SGD(momentum=0.99)` and GSM at compression 10 with both
-   threshold methods run in the same process, interleaved in blocks of
+1. Step time (`--timing-models`): a 1.1M-parameter MLP (batch 128 and 512;
+   the worst case for GSM, one multiply-add per weight per sample) and a
+   0.83M-parameter MobileNet (batch 128), a compiled custom training step
+   (`tf.function`: forward, gradient, `optimizer.apply`). Plain
+   `keras.optimizers.SGD(momentum=0.99)` and GSM at compression 10 with every
+   threshold method run in the same process, interleaved in blocks of
    `--block` steps, `--reps` times (rotating the order); the table shows the
-   median and the best block's per-step time and their ratios to SGD (the
-   best block is the robust number on a shared, loaded machine).
-2. Accuracy. MNIST-1D (`--samples` generated samples, 80/20 split), the 1-D
-   CNN `tfs.zoo.mnist1d_cnn()`, `tf_sparsity.experiments.train_classifier`
-   (batch 128). The official GSM pipeline: train dense, then run GSM from the
-   trained weights, then `final_prune` (global top-Q by |w|), no fine-tuning.
-   - dense: SGD-Nesterov 0.9, lr `--lr` 0.1, cosine decay, L2
-     `--weight-decay` 5e-4 as kernel regularizer, `--epochs` 20.
-   - dense, continued: a control for what the extra epochs alone give: from
-     the dense weights, `--gsm-epochs` more epochs with GSM's optimizer
-     settings but no mask (SGD momentum 0.99, Nesterov, `--gsm-lr`, cosine,
-     L2 `--gsm-weight-decay` as kernel regularizer).
-   - GSM: from the dense weights (`--gsm-init scratch`: from init), momentum
-     0.99, Nesterov, lr `--gsm-lr` 0.02, cosine decay, coupled L2
-     `--gsm-weight-decay` 5e-3 in the optimizer (no regularizers),
-     `--gsm-epochs` 40, then `final_prune`.
-   Accuracy is reported before and after `final_prune`, as mean (min-max)
-   over seeds, with the per-layer sparsity GSM chose.
+   median and the best block's per-step time and their ratios to SGD.
+2. Accuracy. MNIST-1D (`--samples`, 80/20 split), `--model cnn`
+   (`tfs.zoo.mnist1d_cnn()`) or `lenet` (40-300-100-10), batch 128. Every
+   method starts from the same dense model (`--epochs` 20, SGD-Nesterov 0.9,
+   lr `--lr`, cosine, L2 `--weight-decay` 5e-4) and gets `--gsm-epochs` 40
+   more with the same optimizer (momentum 0.99, Nesterov, lr `--gsm-lr`
+   0.02 cosine, L2 `--gsm-weight-decay` 5e-3):
+   - dense, continued: no mask (the control);
+   - GSM (`--methods gsm gsm-sample`): `GlobalSparseMomentum` with the exact
+     or the sampled threshold, then `final_prune`, no fine-tuning;
+   - magnitude-ft: one-shot global magnitude pruning, then training with
+     the masks fixed;
+   - tfmot: `prune_low_magnitude` ramped over the first 70%, in its own
+     process (`_tfmot_worker.py`, needs the `baseline` extra).
+   Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
 """
 
 import argparse
@@ -311,7 +311,7 @@ def main():
     p.add_argument("--block", type=int, default=10)
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--out", default=str(HERE / "results" / "gsm.json"))
+    p.add_argument("--out", default=str(HERE / "results" / "gsm_cnn.json"))
     a = p.parse_args()
     started = time.time()
     train, test = tfs.datasets.mnist1d(num_samples=a.samples)
