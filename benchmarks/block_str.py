@@ -2,6 +2,7 @@
 
     python benchmarks/block_str.py --seeds 3 --epochs 15 --variants unstructured block1x4
     python benchmarks/block_str.py --seeds 3 --epochs 15 --variants block1x4-hard
+    python benchmarks/block_str.py --seeds 3 --epochs 15 --variants block1x16-hard
 
 MNIST-1D (10k samples), `mnist1d_mlp(hidden=(1024, 2048, 2048))` (6.4M
 weights), SGD-Nesterov 0.1 cosine, batch 128, coupled L2 5e-4,
@@ -29,8 +30,9 @@ from tf_sparsity.export import runtimes  # noqa: E402
 HERE = pathlib.Path(__file__).parent
 HIDDEN = (1024, 2048, 2048)
 # variant -> (granularity, shrink); None = dense
-VARIANTS = {"dense": None, "unstructured": ("weight", True), "block1x4": ("block", True),
-            "block1x4-hard": ("block", False)}
+# variant: (granularity, shrink, block_shape in the kernel's (in, out) layout)
+VARIANTS = {"dense": None, "unstructured": ("weight", True, (4, 1)), "block1x4": ("block", True, (4, 1)),
+            "block1x4-hard": ("block", False, (4, 1)), "block1x16-hard": ("block", False, (16, 1))}
 
 
 def main():
@@ -52,10 +54,10 @@ def main():
                 model = tfs.zoo.mnist1d_mlp(hidden=HIDDEN, weight_decay=5e-4)
                 cbs = []
             else:
-                granularity, shrink = VARIANTS[variant]
+                granularity, shrink, block_shape = VARIANTS[variant]
                 model = tfs.soft_threshold(tfs.zoo.mnist1d_mlp(hidden=HIDDEN), weight_decay=5e-4,
                                            learn_threshold=False, granularity=granularity,
-                                           block_shape=(4, 1), shrink=shrink)
+                                           block_shape=block_shape, shrink=shrink)
                 cbs = [tfs.callbacks.TargetSparsity(a.target)]
             result = train_classifier(model, train, test, epochs=a.epochs, callbacks=cbs)
             plain = tfs.strip(model)
