@@ -17,6 +17,7 @@ import warnings
 
 import keras
 import numpy as np
+import tensorflow as tf  # raw momentum kernel, XLA programs, tf.distribute
 from keras import ops
 
 from tf_sparsity import ops as sparse_ops
@@ -108,7 +109,6 @@ def _in_xla_context():
     # The histogram threshold gathers a data-dependent number of entries,
     # which XLA cannot compile; `exact` (a static-k top_k) can.
     try:
-        import tensorflow as tf
         from tensorflow.python.ops import control_flow_util
 
         return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
@@ -327,8 +327,6 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         ws = [variables[i] for i in pool]
         gs = [grads[i] for i in pool]
         if self.threshold_method == "sample":
-            import tensorflow as tf  # XLA program: plain tensors in, not Keras variables
-
             threshold = _sampled_threshold([tf.convert_to_tensor(w) for w in ws], gs, k,
                                            tf.convert_to_tensor(self.iterations), self.metric)
             return [threshold if i in pool else None for i in range(len(grads))]
@@ -342,8 +340,6 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         return masks
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        import tensorflow as tf  # tf.distribute plumbing, as in Keras' TFOptimizer
-
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         # 1. All-reduce (a no-op outside tf.distribute replica contexts) so the
         #    mask is taken on the global-batch gradient, never per replica.
@@ -378,8 +374,6 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         else:
             # Counting is a full pass over the mask (~5% of a step on a
             # 1M-weight model when not fused): sample it every `count_every` steps.
-            import tensorflow as tf
-
             def count():
                 self.assign(counter, active())
                 return tf.constant(True)
@@ -400,8 +394,6 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         d = g + ops.cast(self.l2, dtype) * variable if self._decays(variable) else g
         z = self.momentums[self._get_variable_index(variable)] if self.momentum else None
         if self.fused_kernel and z is not None and keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
             tf.raw_ops.ResourceApplyMomentum(
                 var=_handle(variable), accum=_handle(z), lr=lr, grad=d,
                 momentum=ops.cast(self.momentum, dtype), use_nesterov=self.nesterov,
@@ -419,8 +411,6 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         z = self.momentums[self._get_variable_index(variable)] if self.momentum else None
         l2 = self.l2 if self._decays(variable) else 0.0
         if self.fused_kernel and z is not None and keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
             w_new, z_new, active = _fused_step(
                 tf.convert_to_tensor(variable), gradient, tf.convert_to_tensor(z), selection,
                 ops.cast(learning_rate, dtype), ops.cast(l2, dtype), ops.cast(self.momentum, dtype),
@@ -559,46 +549,22 @@ def _keep(w, g, selection, metric):
     return ops.where(selection > 0, score >= selection, score > 0)
 
 
-def _make_sampled_threshold():
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True)
-    def sampled(ws, gs, k, step, metric):
-        scores = [_scores(w, g, metric) for w, g in zip(ws, gs)]
-        return sparse_ops.sampled_threshold(scores, k, offset=step)
-
-    return sampled
+# Both are XLA programs: inside one, only the sampled scores are ever computed,
+# and the selection, masked gradient, L2 and momentum fuse into one pass.
+@tf.function(jit_compile=True)
+def _sampled_threshold(ws, gs, k, step, metric):
+    scores = [_scores(w, g, metric) for w, g in zip(ws, gs)]
+    return sparse_ops.sampled_threshold(scores, k, offset=step)
 
 
-def _make_fused_step():
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True)
-    def step(w, g, z, selection, lr, l2, beta, metric, nesterov):
-        keep = _keep(w, g, selection, metric)
-        g = tf.cast(g, w.dtype)
-        d = tf.where(keep, g, tf.zeros_like(g)) + l2 * w
-        z = beta * z + d
-        w = w - lr * (d + beta * z if nesterov else z)
-        return w, z, tf.reduce_sum(tf.cast(keep, tf.int32))
-
-    return step
-
-
-class _Lazy:
-    # Build the XLA programs on first use, so importing the package does not
-    # import TensorFlow's function machinery.
-    def __init__(self, factory, *args):
-        self._factory, self._args, self._fn = factory, args, None
-
-    def __call__(self, *args, **kwargs):
-        if self._fn is None:
-            self._fn = self._factory(*self._args)
-        return self._fn(*args, **kwargs)
-
-
-_sampled_threshold = _Lazy(_make_sampled_threshold)
-_fused_step = _Lazy(_make_fused_step)
+@tf.function(jit_compile=True)
+def _fused_step(w, g, z, selection, lr, l2, beta, metric, nesterov):
+    keep = _keep(w, g, selection, metric)
+    g = tf.cast(g, w.dtype)
+    d = tf.where(keep, g, tf.zeros_like(g)) + l2 * w
+    z = beta * z + d
+    w = w - lr * (d + beta * z if nesterov else z)
+    return w, z, tf.reduce_sum(tf.cast(keep, tf.int32))
 
 
 def find_gsm(optimizer):
@@ -699,8 +665,6 @@ class GSMMonitor(keras.callbacks.Callback):
             )
         self._step = 0
         if self.log_dir is not None and self._writer is None:
-            import tensorflow as tf
-
             self._writer = tf.summary.create_file_writer(str(self.log_dir))
 
     def on_train_batch_end(self, batch, logs=None):
