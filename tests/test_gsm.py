@@ -52,7 +52,7 @@ def test_training_then_final_prune_keeps_exactly_q(mnist1d_data):
 def test_custom_training_loop_with_apply(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = small_cnn()
-    opt = GlobalSparseMomentum(0.01, momentum=0.9, target_sparsity=0.8)
+    opt = GlobalSparseMomentum(0.01, momentum=0.9, sparsity=0.8)
     variables = model.trainable_variables
 
     @tf.function
@@ -217,11 +217,11 @@ def test_jit_compiled_step_falls_back_to_exact(mnist1d_data):
     (dict(compression=1), "`compression` must be a number > 1"),
     (dict(compression=0.5), "`compression` must be a number > 1"),
     (dict(compression="10"), "`compression` must be a number > 1"),
-    (dict(target_sparsity=0), r"`target_sparsity` must be in \(0, 1\)"),
-    (dict(target_sparsity=1.0), r"`target_sparsity` must be in \(0, 1\)"),
-    (dict(target_sparsity=-0.1), r"`target_sparsity` must be in \(0, 1\)"),
+    (dict(sparsity=0), r"`sparsity` must be a number in \(0, 1\)"),
+    (dict(sparsity=1.0), r"`sparsity` must be a number in \(0, 1\)"),
+    (dict(sparsity=-0.1), r"`sparsity` must be a number in \(0, 1\)"),
     (dict(), "exactly one of `compression`"),
-    (dict(compression=10, target_sparsity=0.9), "exactly one of `compression`"),
+    (dict(compression=10, sparsity=0.9), "exactly one of `compression`"),
     (dict(compression=10, momentum=1.0), r"`momentum` must be a number in \[0, 1\)"),
     (dict(compression=10, momentum=-0.5), r"`momentum` must be a number in \[0, 1\)"),
     (dict(compression=10, weight_decay=-1e-4), "`weight_decay` must be a number >= 0"),
@@ -248,7 +248,7 @@ def test_bad_pools_raise_at_build():
     with pytest.raises(ValueError, match="nothing would be pruned"):
         GlobalSparseMomentum(0.01, compression=1.01).build(variables)
     with pytest.raises(ValueError, match="nothing would be pruned"):
-        GlobalSparseMomentum(0.01, target_sparsity=0.01).build(variables)
+        GlobalSparseMomentum(0.01, sparsity=0.01).build(variables)
     with pytest.raises(ValueError, match="at least one weight"):
         GlobalSparseMomentum(0.01, compression=100).build(variables)
     with pytest.raises(ValueError, match="not built"):
@@ -261,7 +261,7 @@ def test_bad_pools_raise_at_build():
 def test_config_round_trip():
     schedule = keras.optimizers.schedules.CosineDecay(0.02, 100)
     opt = GlobalSparseMomentum(schedule, momentum=0.95, nesterov=True, weight_decay=1e-3,
-                               target_sparsity=0.9, threshold_method="exact", metric="magnitude",
+                               sparsity=0.9, threshold_method="exact", metric="magnitude",
                                ramp_steps=50, pool=[r"/kernel$"], count_every=3, clipnorm=1.0)
     config = opt.get_config()
     assert config["weight_decay"] == 1e-3 and opt.weight_decay is None  # coupled L2 lives in `l2`

@@ -49,7 +49,7 @@ def test_schedule_ramps_monotonically():
 
 @pytest.mark.parametrize("target", [0, 1, 1.5, -0.2, "0.9", True])
 def test_target_sparsity_rejects_bad_target(target):
-    with pytest.raises(ValueError, match="`target` must be a sparsity in \\(0, 1\\)"):
+    with pytest.raises(ValueError, match="`sparsity` must be a number in \\(0, 1\\)"):
         tfs.callbacks.TargetSparsity(target)
 
 

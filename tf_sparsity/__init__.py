@@ -10,7 +10,7 @@ from tf_sparsity import callbacks, datasets, export, layers, ops, optimizers, pr
 from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
-from tf_sparsity.summary import sparsity, summary
+from tf_sparsity.summarize import sparsity, summary
 from tf_sparsity.surgery import strip
 
 __version__ = "0.1.0"

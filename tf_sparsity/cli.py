@@ -156,7 +156,7 @@ def _summary(args):
         report = export.inspect(args.model)
         print(json.dumps(report.to_dict(), indent=1, default=str) if args.json else report)
         return
-    from tf_sparsity.summary import summary
+    from tf_sparsity.summarize import summary
 
     report = summary(_load_model(args.model), print_fn=None)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report)

@@ -15,7 +15,7 @@ from tf_sparsity.optimizers import GlobalSparseMomentum, final_prune
 from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
-from tf_sparsity.summary import summary
+from tf_sparsity.summarize import summary
 from tf_sparsity.surgery import strip
 
 

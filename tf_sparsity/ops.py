@@ -173,19 +173,22 @@ def topk_mask(scores, k, method="histogram"):
 def global_topk_masks(score_list, k, method="histogram"):
     """`topk_mask` over several tensors at once: one global pool, masks per tensor.
 
+    The one global selection: GSM's step, `final_prune` and `prune_at_init`
+    all call it. `k` is clipped to the pool size; tensors may have dynamic
+    shapes (inside `tf.function`).
+
     >>> masks = global_topk_masks([keras.ops.ones((2, 2)), keras.ops.zeros((3,))], 4)
     >>> [int(keras.ops.sum(keras.ops.cast(m, "int32"))) for m in masks]
     [4, 0]
     """
-    dtype = "float64" if any(ops.convert_to_tensor(s).dtype == "float64" for s in score_list) else "float32"
-    flat = ops.concatenate([ops.reshape(ops.cast(s, dtype), (-1,)) for s in score_list], axis=0)
-    mask = topk_mask(flat, k, method=method)
-    out, start = [], 0
-    for s in score_list:
-        size = int(np.prod(s.shape))
-        out.append(ops.reshape(mask[start:start + size], s.shape))
-        start += size
-    return out
+    import tensorflow as tf  # dynamic-size split; TF backend only
+
+    tensors = [tf.convert_to_tensor(s) for s in score_list]
+    dtype = tf.float64 if any(t.dtype == tf.float64 for t in tensors) else tf.float32
+    flat = tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in tensors], axis=0)
+    mask = topk_mask(flat, tf.minimum(tf.cast(k, tf.int32), tf.size(flat)), method=method)
+    pieces = tf.split(mask, tf.stack([tf.size(t) for t in tensors]))
+    return [tf.reshape(p, tf.shape(t)) for p, t in zip(pieces, tensors)]
 
 
 def _coprime_stride(stride, last_dim):

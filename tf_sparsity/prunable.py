@@ -84,3 +84,17 @@ def iter_layers(model):
 
 def _is_wrapper(layer):
     return isinstance(layer, keras.layers.Wrapper)
+
+
+def protocol_owner(layer, protocol):
+    """The object that implements `protocol` (from `tf_sparsity.protocols`) for `layer`:
+    the layer itself, else the cell of a `keras.layers.RNN`, else None.
+
+    The one place that looks through recurrent layers, so a plain
+    `keras.layers.RNN(LowRankGRUCell(...))` strips, reports and steers like
+    the convenience `LowRankGRU`.
+    """
+    if isinstance(layer, protocol):
+        return layer
+    cell = layer.cell if isinstance(layer, keras.layers.RNN) else None
+    return cell if cell is not None and isinstance(cell, protocol) else None

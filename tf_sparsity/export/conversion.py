@@ -17,6 +17,7 @@ import warnings as _warnings
 
 import numpy as np
 
+from tf_sparsity import _compat
 from tf_sparsity.export import flatbuffer, runtimes, targets
 from tf_sparsity.export.atomic import atomic_write
 from tf_sparsity.export.c_array import write_c_array
@@ -231,7 +232,7 @@ def _prepare(model, unroll, notes):
 
     from tf_sparsity import prunable, surgery
 
-    rebuildable = isinstance(model, (keras.Sequential, keras.src.models.Functional))
+    rebuildable = isinstance(model, _compat.REBUILDABLE_MODELS)
     wrapped = surgery.wrappers(model)
     # Low-rank STR cells (tf_sparsity.layers.low_rank) strip to rank-r factors.
     low_rank = [l for l in prunable.iter_layers(model) if hasattr(getattr(l, "cell", None), "stripped_cell")]
@@ -258,9 +259,8 @@ def _prepare(model, unroll, notes):
                 for rnn_config in rnn_configs:
                     rnn_config["unroll"] = True
                     _conv_projection(rnn_config)
-                from keras.src.saving import serialization_lib
 
-                with serialization_lib.SafeModeScope(False):
+                with _compat.unsafe_deserialization():
                     return layer.__class__.from_config(config)
 
             model = surgery.map_layers(model, replace)

@@ -2,9 +2,9 @@
 
 import keras
 from keras import ops
-from keras.src.backend.common.stateless_scope import get_stateless_scope
 
-from tf_sparsity import prunable
+from tf_sparsity import _compat, prunable
+from tf_sparsity.layer_copy import clone_layer
 
 
 class KernelWrapper(keras.layers.Wrapper):
@@ -64,7 +64,7 @@ class KernelWrapper(keras.layers.Wrapper):
             (kernel, ops.cast(value, kernel.dtype))
             for kernel, value in zip(self.kernels, self.effective_kernels())
         ]
-        outer = get_stateless_scope()
+        outer = _compat.stateless_scope()
         scope = keras.StatelessScope(mapping, initialize_variables=False)
         if outer is not None:  # keep values an enclosing stateless call set
             for key, value in outer.state_mapping.items():
@@ -88,8 +88,6 @@ class KernelWrapper(keras.layers.Wrapper):
 
     def stripped_layer(self):
         """A plain layer of the wrapped class with the effective kernels baked in."""
-        from tf_sparsity.surgery import clone_layer  # surgery imports this module
-
         layer = clone_layer(self.layer)
         self.transfer_to(layer)
         return layer

@@ -104,6 +104,11 @@ class SoftThreshold(KernelWrapper):
         """The current threshold `g(s + offset)` (float32 scalar tensor)."""
         return self.threshold_fn(self.threshold_logit + self.threshold_offset)
 
+    @property
+    def steering_name(self):
+        """The wrapped layer's name (what collapse reports call this threshold)."""
+        return self.layer.name
+
     def threshold_value(self):
         return float(ops.convert_to_numpy(self.threshold()))
 

@@ -5,6 +5,9 @@
 >>> tfs.optimizers.final_prune(model)  # doctest: +SKIP
 """
 
-from tf_sparsity.optimizers.gsm import GlobalSparseMomentum, GSMMonitor, final_prune
+from tf_sparsity.optimizers.final_prune import final_prune, find_gsm
+from tf_sparsity.optimizers.gsm import GlobalSparseMomentum
+from tf_sparsity.optimizers.gsm_monitor import GSMMonitor
+from tf_sparsity.optimizers.pool import default_pool, display_name
 
-__all__ = ["GlobalSparseMomentum", "GSMMonitor", "final_prune"]
+__all__ = ["GlobalSparseMomentum", "GSMMonitor", "final_prune", "find_gsm", "default_pool", "display_name"]

@@ -8,20 +8,26 @@ decay through momentum, so the unselected ones drift to zero:
     z <- beta * z + eta * w + B * g
     w <- w - alpha * z
 
-At the end `final_prune` keeps the global top-Q by |w| and zeroes the rest
+The per-step math (scores, selection, the fused XLA update) is in
+`gsm_kernels`, the pool in `pool`, `final_prune` and `GSMMonitor` in their own
+modules. At the end `final_prune` keeps the global top-Q by |w| and zeroes the rest
 (no fine-tuning, as in the paper).
 """
-
-import re
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf  # raw momentum kernel, XLA programs, tf.distribute
 from keras import ops
 
+from tf_sparsity import _compat
 from tf_sparsity import ops as sparse_ops
-from tf_sparsity import prunable
+from tf_sparsity.budget import resolve_budget
+from tf_sparsity.optimizers import gsm_kernels
+from tf_sparsity.optimizers.pool import display_name, pool_predicate
+from tf_sparsity.optimizers.pool import pool_path
+from tf_sparsity.schedules import PolynomialRamp
+
+__all__ = ["GlobalSparseMomentum", "check_keep", "variables_of"]
 
 _METRICS = ("taylor", "magnitude")
 _METHODS = ("histogram", "exact", "sample")
@@ -31,89 +37,19 @@ def _is_number(x):
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
-def default_pool(variable):
-    """The default GSM pool: every trainable variable of rank >= 2 (kernels)."""
-    return len(variable.shape) >= 2
-
-
-def _pool_predicate(pool):
-    """Turn the `pool` argument into `variable -> bool`."""
-    if pool is None:
-        return default_pool
-    if isinstance(pool, str):
-        pool = [pool]
-    if isinstance(pool, (list, tuple)):
-        if not pool or not all(isinstance(p, str) for p in pool):
-            raise ValueError(
-                "`pool` must be None, a callable `variable -> bool`, or a regex / list of "
-                f"regexes matched against variable paths; received {pool!r}."
-            )
-        patterns = [re.compile(p) for p in pool]
-        return lambda v: any(p.search(_path(v)) for p in patterns)
-    if isinstance(pool, dict):  # a serialized registered function
-        return keras.saving.deserialize_keras_object(pool)
-    if callable(pool):
-        return pool
-    raise ValueError(
-        "`pool` must be None, a callable `variable -> bool`, or a regex / list of "
-        f"regexes matched against variable paths; received {pool!r}."
-    )
-
-
-def _path(variable):
-    return getattr(variable, "path", None) or variable.name
-
-
-def display_name(variable):
-    """Short key for a pool variable: its path without a trailing `/kernel`."""
-    path = _path(variable)
-    return path[: -len("/kernel")] if path.endswith("/kernel") else path
-
-
-def _target_q(n, compression, target_sparsity):
-    """Number of weights to keep out of `n`: round(n / compression) or n * (1 - sparsity)."""
-    if compression is not None:
-        return int(round(n / compression))
-    return int(round(n * (1.0 - target_sparsity)))
-
-
-def _check_budget(compression, target_sparsity):
-    if (compression is None) == (target_sparsity is None):
-        raise ValueError(
-            "Pass exactly one of `compression` (> 1, keep N / compression weights) or "
-            "`target_sparsity` (in (0, 1)); received "
-            f"compression={compression!r}, target_sparsity={target_sparsity!r}."
-        )
-    if compression is not None and (not _is_number(compression) or not compression > 1):
-        raise ValueError(f"`compression` must be a number > 1; received {compression!r}.")
-    if target_sparsity is not None and (not _is_number(target_sparsity) or not 0 < target_sparsity < 1):
-        raise ValueError(f"`target_sparsity` must be in (0, 1); received {target_sparsity!r}.")
-
-
-def _check_q(q, n, compression, target_sparsity):
-    budget = f"compression={compression}" if compression is not None else f"target_sparsity={target_sparsity}"
+def check_keep(q, n, budget):
+    """Raise unless keeping `q` of the pool's `n` weights prunes something and keeps something."""
     if q >= n:
         raise ValueError(
-            f"`compression`/`target_sparsity`: the pool has only {n} weights and {budget} keeps "
+            f"`compression`/`sparsity`: the pool has only {n} weights and {budget} keeps "
             f"Q={q} of them, so nothing would be pruned. Use a higher compression / sparsity "
-            "or a larger `pool`."
+            "or a larger pool."
         )
     if q < 1:
         raise ValueError(
-            f"`compression`/`target_sparsity`: {budget} keeps Q={q} of the pool's {n} weights; "
+            f"`compression`/`sparsity`: {budget} keeps Q={q} of the pool's {n} weights; "
             "at least one weight must remain."
         )
-
-
-def _in_xla_context():
-    # The histogram threshold gathers a data-dependent number of entries,
-    # which XLA cannot compile; `exact` (a static-k top_k) can.
-    try:
-        from tensorflow.python.ops import control_flow_util
-
-        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-    except Exception:  # private API moved: assume no XLA
-        return False
 
 
 @keras.saving.register_keras_serializable(package="tf_sparsity")
@@ -207,16 +143,17 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         nesterov=False,
         weight_decay=5e-4,
         compression=None,
-        target_sparsity=None,
+        sparsity=None,
         threshold_method="histogram",
         metric="taylor",
         ramp_steps=0,
         pool=None,
         count_every=10,
         name=None,
+        target_sparsity=None,
         **kwargs,
     ):
-        _check_budget(compression, target_sparsity)
+        budget = resolve_budget(compression, sparsity, target_sparsity=target_sparsity)
         if not _is_number(momentum) or not 0 <= momentum < 1:
             raise ValueError(f"`momentum` must be a number in [0, 1); received {momentum!r}.")
         if weight_decay is None:
@@ -231,15 +168,16 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
             raise ValueError(f"`ramp_steps` must be an integer >= 0; received {ramp_steps!r}.")
         if not isinstance(count_every, (int, np.integer)) or isinstance(count_every, bool) or count_every < 1:
             raise ValueError(f"`count_every` must be an integer >= 1; received {count_every!r}.")
-        predicate = _pool_predicate(pool)
+        predicate = pool_predicate(pool)
         # Keras' own weight_decay is decoupled (AdamW style); ours goes through
         # momentum as in the paper, so the base class must not apply any.
         super().__init__(learning_rate=learning_rate, weight_decay=None, name=name, **kwargs)
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
         self.l2 = float(weight_decay)
-        self.compression = None if compression is None else float(compression)
-        self.target_sparsity = None if target_sparsity is None else float(target_sparsity)
+        self.budget = budget
+        self.compression = budget.compression
+        self.sparsity = budget.sparsity
         self.threshold_method = threshold_method
         self.metric = metric
         self.ramp_steps = int(ramp_steps)
@@ -261,8 +199,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
                 "trainable variable of rank >= 2, i.e. the kernels). Nothing to sparsify; "
                 "pass `pool=` to choose variables."
             )
-        q = _target_q(n, self.compression, self.target_sparsity)
-        _check_q(q, n, self.compression, self.target_sparsity)
+        q = self.budget.keep(n)
+        check_keep(q, n, self.budget)
         super().build(variables)
         self._in_pool = flags
         self.pool_size = n
@@ -279,7 +217,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
                 self._active_slot[i] = len(self.active_counts)
                 self.active_counts.append(self.add_variable(
                     shape=(), dtype="int32", initializer="zeros",
-                    name=f"{_path(v).replace('/', '_')}_active",
+                    name=f"{pool_path(v).replace('/', '_')}_active",
                 ))
 
     @property
@@ -301,9 +239,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         if not self.ramp_steps:
             return q
         # Cubic ramp of the pruned share (Zhu & Gupta): dense at step 0, Q at ramp_steps.
-        t = ops.cast(self.iterations, "float64")
-        progress = ops.minimum(t / float(self.ramp_steps), 1.0)
-        pruned = float(n_present - q) * (1.0 - (1.0 - progress) ** 3)
+        progress = ops.cast(PolynomialRamp(0, self.ramp_steps)(self.iterations), "float64")
+        pruned = float(n_present - q) * progress
         return ops.cast(ops.round(float(n_present) - pruned), "int32")
 
     def _pool_indices(self, grads, variables):
@@ -327,13 +264,13 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         ws = [variables[i] for i in pool]
         gs = [grads[i] for i in pool]
         if self.threshold_method == "sample":
-            threshold = _sampled_threshold([tf.convert_to_tensor(w) for w in ws], gs, k,
+            threshold = gsm_kernels.sampled_threshold([tf.convert_to_tensor(w) for w in ws], gs, k,
                                            tf.convert_to_tensor(self.iterations), self.metric)
             return [threshold if i in pool else None for i in range(len(grads))]
         method = self.threshold_method
-        if method == "histogram" and _in_xla_context():
+        if method == "histogram" and _compat.in_xla_context():
             method = "exact"
-        scores = [_scores(w, g, self.metric) for w, g in zip(ws, gs)]
+        scores = [gsm_kernels.scores(w, g, self.metric) for w, g in zip(ws, gs)]
         found = sparse_ops.global_topk_masks(scores, k, method=method)
         for i, mask in zip(pool, found):
             masks[i] = mask
@@ -343,15 +280,15 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         # 1. All-reduce (a no-op outside tf.distribute replica contexts) so the
         #    mask is taken on the global-batch gradient, never per replica.
-        reduced = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
+        reduced = _compat.all_reduce_sum_gradients(self, list(zip(grads, trainable_variables)))
         grads = [g for g, _ in reduced]
         # 2. One global top-Q over the whole pool. Every replica now holds the
         #    same reduced gradients and mirrored weights, hence the same mask.
         masks = self._global_masks(grads, trainable_variables)
         # 3. Per-variable momentum updates (on every replica's copy).
         tf_vars = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
-        tf.__internal__.distribute.interim.maybe_merge_call(
-            self._distributed_gsm_update, self._distribution_strategy,
+        _compat.maybe_merge_call(
+            self._distributed_gsm_update, _compat.optimizer_strategy(self),
             list(zip(grads, tf_vars, masks)), learning_rate,
         )
 
@@ -411,7 +348,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         z = self.momentums[self._get_variable_index(variable)] if self.momentum else None
         l2 = self.l2 if self._decays(variable) else 0.0
         if self.fused_kernel and z is not None and keras.backend.backend() == "tensorflow":
-            w_new, z_new, active = _fused_step(
+            w_new, z_new, active = gsm_kernels.fused_step(
                 tf.convert_to_tensor(variable), gradient, tf.convert_to_tensor(z), selection,
                 ops.cast(learning_rate, dtype), ops.cast(l2, dtype), ops.cast(self.momentum, dtype),
                 metric=self.metric, nesterov=self.nesterov,
@@ -419,7 +356,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
             self.assign(variable, w_new)
             self.assign(z, z_new)
             return lambda: active
-        keep = _keep(variable, gradient, selection, self.metric)
+        keep = gsm_kernels._keep(variable, gradient, selection, self.metric)
         g = ops.cast(gradient, dtype)
         d = ops.where(keep, g, ops.zeros_like(g))
         if l2:
@@ -469,12 +406,12 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         self._require_built()
         pool = self.pool_variables
         if model_or_vars is not None:
-            wanted = {self._var_key(v) for v in _variables_of(model_or_vars)}
+            wanted = {self._var_key(v) for v in variables_of(model_or_vars)}
             pool = [v for v in pool if self._var_key(v) in wanted]
             if not pool:
                 raise ValueError("`model_or_vars` holds none of this optimizer's pool variables.")
         n = sum(int(np.prod(v.shape)) for v in pool)
-        masks = _magnitude_masks(pool, min(self.q, n), self.threshold_method)
+        masks = gsm_kernels.magnitude_masks(pool, min(self.q, n), self.threshold_method)
         for v, m in zip(pool, masks):
             v.assign(ops.where(m, v, ops.zeros_like(v)))
             if self.momentums:
@@ -493,7 +430,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
             "nesterov": self.nesterov,
             "weight_decay": self.l2,
             "compression": self.compression,
-            "target_sparsity": self.target_sparsity,
+            "sparsity": self.sparsity,
             "threshold_method": self.threshold_method,
             "metric": self.metric,
             "ramp_steps": self.ramp_steps,
@@ -517,7 +454,7 @@ def _handle(variable):
     return variable.handle
 
 
-def _variables_of(model_or_vars):
+def variables_of(model_or_vars):
     if isinstance(model_or_vars, keras.layers.Layer):
         return list(model_or_vars.trainable_variables)
     if isinstance(model_or_vars, (list, tuple)):
@@ -526,167 +463,3 @@ def _variables_of(model_or_vars):
         "`model_or_vars` must be a Keras model/layer or a list of variables; "
         f"received {type(model_or_vars).__name__}."
     )
-
-
-def _magnitude_masks(variables, k, method):
-    if method == "sample":  # final_prune is always exact
-        method = "histogram"
-    scores = [_scores(v, None, "magnitude") for v in variables]
-    return sparse_ops.global_topk_masks(scores, k, method=method)
-
-
-def _scores(w, g, metric):
-    """GSM's selection score in float32: `|w * g|` ("taylor") or `|w|`."""
-    w = ops.cast(w, "float32")
-    return ops.abs(w * ops.cast(g, "float32")) if metric == "taylor" else ops.abs(w)
-
-
-def _keep(w, g, selection, metric):
-    if len(selection.shape):
-        return selection
-    score = _scores(w, g, metric)
-    # threshold 0 means "fewer than k non-zero scores": keep just those.
-    return ops.where(selection > 0, score >= selection, score > 0)
-
-
-# Both are XLA programs: inside one, only the sampled scores are ever computed,
-# and the selection, masked gradient, L2 and momentum fuse into one pass.
-@tf.function(jit_compile=True)
-def _sampled_threshold(ws, gs, k, step, metric):
-    scores = [_scores(w, g, metric) for w, g in zip(ws, gs)]
-    return sparse_ops.sampled_threshold(scores, k, offset=step)
-
-
-@tf.function(jit_compile=True)
-def _fused_step(w, g, z, selection, lr, l2, beta, metric, nesterov):
-    keep = _keep(w, g, selection, metric)
-    g = tf.cast(g, w.dtype)
-    d = tf.where(keep, g, tf.zeros_like(g)) + l2 * w
-    z = beta * z + d
-    w = w - lr * (d + beta * z if nesterov else z)
-    return w, z, tf.reduce_sum(tf.cast(keep, tf.int32))
-
-
-def find_gsm(optimizer):
-    """The `GlobalSparseMomentum` inside `optimizer` (unwrapping loss scaling), or None."""
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if isinstance(optimizer, GlobalSparseMomentum):
-            return optimizer
-        optimizer = getattr(optimizer, "inner_optimizer", None)
-        seen += 1
-    return None
-
-
-def final_prune(model_or_vars, compression=None, target_sparsity=None, pool=None,
-                threshold_method="histogram"):
-    """Keep exactly the global top-Q weights by |w| over the GSM pool; zero the rest.
-
-    With a model compiled with `GlobalSparseMomentum` and no budget
-    arguments, the optimizer's Q and pool are used (and its momentum for
-    the zeroed entries is cleared). Otherwise pass `compression` or
-    `target_sparsity` (and optionally `pool`, as in the optimizer). The
-    result is plain zeros in the kernels: `tfs.summary(model)` shows it.
-    Returns `model_or_vars`.
-
-    >>> import keras, tf_sparsity as tfs
-    >>> m = keras.Sequential([keras.Input((10,)), keras.layers.Dense(10)])
-    >>> _ = final_prune(m, compression=4)
-    >>> tfs.summary(m, print_fn=None).nonzeros
-    25
-    """
-    variables = _variables_of(model_or_vars)
-    if compression is None and target_sparsity is None and pool is None:
-        gsm = find_gsm(getattr(model_or_vars, "optimizer", None))
-        if gsm is not None and gsm.built:
-            return gsm.final_prune(model_or_vars)
-    _check_budget(compression, target_sparsity)
-    predicate = _pool_predicate(pool)
-    pool_vars = [v for v in variables if predicate(v)]
-    n = sum(int(np.prod(v.shape)) for v in pool_vars)
-    if n == 0:
-        raise ValueError("`pool`: no variable of `model_or_vars` is in the pool (rank >= 2 by default).")
-    q = _target_q(n, compression, target_sparsity)
-    _check_q(q, n, compression, target_sparsity)
-    for v, m in zip(pool_vars, _magnitude_masks(pool_vars, q, threshold_method)):
-        v.assign(ops.where(m, v, ops.zeros_like(v)))
-    return model_or_vars
-
-
-@keras.saving.register_keras_serializable(package="tf_sparsity")
-class GSMMonitor(keras.callbacks.Callback):
-    """Logs GSM's per-layer share of active (selected) weights.
-
-    At each epoch end it adds `gsm_active/<layer>` (the fraction of that
-    kernel's entries in the last top-Q mask) to the Keras logs, so `History`
-    keeps the layer-sensitivity curves; with `log_dir` it also writes them
-    to TensorBoard. With `every_n_steps` it records a finer trace in
-    `self.trace` (a list of `(step, {layer: fraction})`). The optimizer
-    refreshes the counters every `count_every` steps (default 10), so finer
-    tracing needs a smaller `count_every`. Reading them syncs with the
-    device, so the default reads once per epoch.
-
-    On train begin it warns if a pool layer also has a `kernel_regularizer`
-    (the optimizer already applies the L2; see `GlobalSparseMomentum`).
-
-    >>> model.fit(x, y, callbacks=[tfs.optimizers.GSMMonitor()])  # doctest: +SKIP
-    >>> history.history["gsm_active/conv1"]                      # doctest: +SKIP
-    """
-
-    def __init__(self, every_n_steps=None, log_dir=None):
-        super().__init__()
-        if every_n_steps is not None and (not isinstance(every_n_steps, int) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be None or an integer >= 1; received {every_n_steps!r}.")
-        self.every_n_steps = every_n_steps
-        self.log_dir = log_dir
-        self.trace = []
-        self._writer = None
-
-    def _gsm(self):
-        gsm = find_gsm(getattr(self.model, "optimizer", None))
-        if gsm is None:
-            raise ValueError("GSMMonitor needs a model compiled with tfs.optimizers.GlobalSparseMomentum.")
-        return gsm
-
-    def on_train_begin(self, logs=None):
-        gsm = self._gsm()
-        doubled = []
-        for layer in prunable.iter_layers(self.model):
-            if getattr(layer, "kernel_regularizer", None) is not None and any(
-                gsm._pool_fn(v) for v in layer.trainable_variables
-            ):
-                doubled.append(layer.name)
-        if doubled:
-            warnings.warn(
-                f"Layers {doubled} have a kernel_regularizer while GlobalSparseMomentum applies "
-                "its own coupled L2 (`weight_decay`): the decay is counted twice and the "
-                "regularizer's gradient enters the |w*g| score. Remove the regularizers.",
-                RuntimeWarning, stacklevel=2,
-            )
-        self._step = 0
-        if self.log_dir is not None and self._writer is None:
-            self._writer = tf.summary.create_file_writer(str(self.log_dir))
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._step += 1
-        if self.every_n_steps and self._step % self.every_n_steps == 0:
-            self.trace.append((int(ops.convert_to_numpy(self._gsm().iterations)), self._gsm().active_fractions()))
-
-    def on_epoch_end(self, epoch, logs=None):
-        gsm = self._gsm()
-        if not gsm.built:
-            return
-        from tf_sparsity.callbacks import publish  # callbacks imports layers; keep optimizers light
-
-        publish({f"gsm_active/{k}": v for k, v in gsm.active_fractions().items()}, logs, self._writer, epoch)
-
-    def get_config(self):
-        return {"every_n_steps": self.every_n_steps, "log_dir": self.log_dir}
-
-    @classmethod
-    def from_config(cls, config):
-        # keras.callbacks.Callback has no from_config; deserialization needs one.
-        return cls(**config)
-
-
-__all__ = ["GlobalSparseMomentum", "GSMMonitor", "final_prune", "find_gsm", "default_pool", "display_name"]

@@ -2,7 +2,6 @@
 magnitude and random, with fixed masks (`tfs.layers.Masked`)."""
 
 import math
-import warnings
 
 import keras
 import numpy as np
@@ -10,6 +9,8 @@ import tensorflow as tf  # gradients of scores (incl. GraSP's Hessian-gradient p
 
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable, surgery
+from tf_sparsity.budget import resolve_budget
+from tf_sparsity.collapse import LayerCollapseWarning, check_on_collapse, report_collapse  # noqa: F401
 from tf_sparsity.layers.masked import Masked
 
 METHODS = ("synflow", "snip", "grasp", "magnitude", "random")
@@ -17,23 +18,10 @@ DATA_METHODS = ("snip", "grasp")
 GRASP_TEMPERATURE = 200.0  # the GraSP reference divides logits by T = 200
 
 
-class LayerCollapseWarning(RuntimeWarning):
-    """A prunable layer lost every weight."""
-
-
 def _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse):
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}; received {method!r}.")
-    if (compression is None) == (sparsity is None):
-        raise ValueError("Pass exactly one of `compression` (> 1) or `sparsity` (in (0, 1)).")
-    if compression is not None:
-        if isinstance(compression, bool) or not isinstance(compression, (int, float)) or not compression > 1:
-            raise ValueError(f"`compression` must be a number > 1 (10 keeps 1/10); received {compression!r}.")
-        density = 1.0 / compression
-    else:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-            raise ValueError(f"`sparsity` must be in (0, 1); received {sparsity!r}.")
-        density = 1.0 - sparsity
+    density = resolve_budget(compression, sparsity).density
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ValueError(f"`iterations` must be an integer >= 1; received {iterations!r}.")
     if schedule not in ("exponential", "linear"):
@@ -46,8 +34,7 @@ def _check_args(method, compression, sparsity, iterations, schedule, scope, data
         if loss is None:
             raise ValueError(f"method '{method}' needs a `loss` (e.g. "
                              "keras.losses.SparseCategoricalCrossentropy(from_logits=True)).")
-    if on_collapse not in ("warn", "raise", "ignore"):
-        raise ValueError(f"`on_collapse` must be 'warn', 'raise' or 'ignore'; received {on_collapse!r}.")
+    check_on_collapse(on_collapse, training=False)
     return density
 
 
@@ -240,9 +227,7 @@ class _Pruner:
         # Compaction keeps the flat order, so position tie-breaks are unchanged.
         compact = [tf.gather(tf.reshape(s, [-1]), idx) for s, idx in zip(scores, alive)]
         if scope == "global":
-            flat = tf.concat(compact, 0)
-            chosen = sparse_ops.topk_mask(flat, tf.minimum(keep[0], tf.size(flat)), method=threshold_method)
-            kept = tf.split(chosen, tf.stack([tf.size(c) for c in compact]))
+            kept = sparse_ops.global_topk_masks(compact, keep[0], method=threshold_method)
         else:
             kept = [sparse_ops.topk_mask(c, tf.minimum(k, tf.size(c)), method=threshold_method)
                     for c, k in zip(compact, keep)]
@@ -331,13 +316,10 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
     collapsed = pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
     for wrapper in pruner.wrappers:
         wrapper.set_masks([m.numpy() for m in wrapper.masks], zero_weights=True)
-    if collapsed and on_collapse != "ignore":
-        message = (f"Layer collapse: {method} at compression {1 / density:.3g} pruned every weight of "
-                   f"{collapsed}; the network cannot pass signal. Lower the compression "
-                   f"(see tfs.pruning.critical_compression).")
-        if on_collapse == "raise":
-            raise ValueError(message)
-        warnings.warn(message, LayerCollapseWarning, stacklevel=2)
+    if collapsed:
+        report_collapse(f"Layer collapse: {method} at compression {1 / density:.3g} pruned every weight "
+                        f"of {collapsed}; the network cannot pass signal. Lower the compression "
+                        f"(see tfs.pruning.critical_compression).", on_collapse)
     return masked
 
 

@@ -5,14 +5,13 @@ Both produce a physically smaller Keras model through
 `tf_sparsity.surgery.prune_channels`.
 """
 
-import math
 
 import keras
 import numpy as np
 from keras import ops
 
-from tf_sparsity import surgery
-from tf_sparsity.summary import summary
+from tf_sparsity import _compat, surgery
+from tf_sparsity.summarize import summary
 
 OBJECTIVES = ("local", "global", "auto")
 
@@ -164,14 +163,10 @@ def _select_global(fit, budget, tolerance, h, tail, reference, candidates, taylo
 
 
 def _sub_models(model, chain):
-    # keras.src Function runs a slice of the existing graph without adding
-    # nodes to the layers (a Functional from intermediate tensors would).
-    from keras.src.ops.function import Function
-
     source = chain.flatten.input if chain.flatten is not None else chain.consumer.input
-    head = Function(model.inputs, source)
+    head = _compat.graph_slice(model.inputs, source)
     try:
-        tail = Function([source], model.outputs)
+        tail = _compat.graph_slice([source], model.outputs)
     except Exception:  # the rest of the graph needs other tensors: no global objective here
         return head, None
     return head, lambda x: tail([x])[0]

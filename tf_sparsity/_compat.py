@@ -1,0 +1,83 @@
+"""The one door to private Keras / TensorFlow APIs.
+
+Every `keras.src...` / `tensorflow.python...` import and every private
+attribute the package relies on is reached through this module, so a Keras or
+TensorFlow upgrade breaks one file, not many. Each entry says what it is for
+and the versions it was checked on (Keras 3.12-3.15, TensorFlow 2.21).
+Nothing outside this module imports private APIs.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.backend.common.stateless_scope import get_stateless_scope as _get_stateless_scope
+from keras.src.models import Functional
+from keras.src.ops.function import Function as _Function
+from keras.src.saving import serialization_lib as _serialization_lib
+
+__all__ = [
+    "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
+    "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
+    "all_reduce_sum_gradients",
+]
+
+# `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
+# functional class is public only as the type of `keras.Model(inputs, outputs)`).
+REBUILDABLE_MODELS = (keras.Sequential, Functional)
+
+
+def stateless_scope():
+    """The enclosing `keras.StatelessScope`, or None (Keras 3.12-3.15).
+
+    KernelWrapper needs it to keep values an outer stateless call has set.
+    """
+    return _get_stateless_scope()
+
+
+def graph_slice(inputs, outputs):
+    """A callable running the part of an existing functional graph between
+    `inputs` and `outputs`, without adding nodes to the layers (a
+    `keras.Model` from intermediate tensors would). Keras 3.12-3.15."""
+    return _Function(inputs, outputs)
+
+
+def unsafe_deserialization():
+    """Context manager allowing lambdas when re-creating layers from config
+    (a model's own layers, not user files). Keras 3.12-3.15."""
+    return _serialization_lib.SafeModeScope(False)
+
+
+def inbound_node_count(layer):
+    """How many times `layer` is called in the graph (shared layers: > 1). Keras 3.12-3.15."""
+    return len(layer._inbound_nodes)
+
+
+def outbound_operations(layer):
+    """The operations (layers) that consume `layer`'s outputs. Keras 3.12-3.15."""
+    return [node.operation for node in layer._outbound_nodes]
+
+
+def in_xla_context():
+    """True inside a jit-compiled (XLA) function. TF 2.21; False if the API moved."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+
+        return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    except Exception:  # private API moved: assume no XLA
+        return False
+
+
+def maybe_merge_call(fn, strategy, *args):
+    """Run `fn(strategy, *args)` in cross-replica context when inside
+    `strategy.run` (tf.distribute's own merge helper). TF 2.21."""
+    return tf.__internal__.distribute.interim.maybe_merge_call(fn, strategy, *args)
+
+
+def optimizer_strategy(optimizer):
+    """The `tf.distribute` strategy a Keras 3 TF optimizer was built under. Keras 3.12-3.15."""
+    return optimizer._distribution_strategy
+
+
+def all_reduce_sum_gradients(optimizer, grads_and_vars):
+    """Sum gradients over replicas (a no-op outside a replica context), via the
+    Keras TF optimizer's own helper. Keras 3.12-3.15."""
+    return optimizer._all_reduce_sum_gradients(grads_and_vars)

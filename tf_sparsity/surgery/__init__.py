@@ -1,0 +1,26 @@
+"""Model surgery: rebuild graphs (`graph`), remove channels (`channels`), strip (`strip`)."""
+
+from tf_sparsity.layer_copy import clone_layer, fresh_layer
+from tf_sparsity.surgery.channels import (
+    CHANNEL_PRUNABLE,
+    ChannelChain,
+    channel_chains,
+    channel_contributions,
+    prune_channels,
+    remove_zero_channels,
+)
+from tf_sparsity.surgery.graph import (
+    check_model,
+    map_layers,
+    resolve_skip,
+    transfer_weights,
+    wrap_prunable,
+    wrappers,
+)
+from tf_sparsity.surgery.strip import strip
+
+__all__ = [
+    "CHANNEL_PRUNABLE", "ChannelChain", "channel_chains", "channel_contributions", "check_model",
+    "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",
+    "resolve_skip", "strip", "transfer_weights", "wrap_prunable", "wrappers",
+]
