@@ -3,7 +3,6 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -27,19 +26,6 @@ def mnist1d_data():
     import tf_sparsity as tfs
 
     return tfs.datasets.mnist1d()
-
-
-def compile_sgd(model, lr=0.05):
-    model.compile(
-        optimizer=keras.optimizers.SGD(lr, momentum=0.9, nesterov=True),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-    return model
-
-
-def random_like(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 
 import tf_sparsity as tfs
 from tf_sparsity import surgery
-from conftest import random_like
+from support import random_like
 
 L = keras.layers
 

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_sparsity as tfs
-from conftest import random_like
+from support import random_like
 
 L = keras.layers
 

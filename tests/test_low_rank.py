@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tf_sparsity as tfs
-from conftest import compile_sgd, random_like
+from support import compile_sgd, random_like
 from tf_sparsity.layers import low_rank as lr
 
 KINDS = {
@@ -135,7 +135,7 @@ def test_summary_reports_ranks_params_and_macs():
     assert "rank" in str(report)
     # The stripped cell reports the same effective numbers.
     stripped = layer.stripped_layer()
-    plain_row = lr.rnn_summary_row(stripped)
+    plain_row = tfs.summarize.layer_report(stripped)  # an RNN reports through its cell
     assert plain_row.rank == f"1/1 dense, {rank}/16"  # its limit is the full rank
     assert plain_row.params == stored + 2 * 48
 

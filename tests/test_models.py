@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import tf_sparsity as tfs
-from conftest import random_like
+from support import random_like
 
 L = keras.layers
 

@@ -6,7 +6,7 @@ import pytest
 
 import tf_sparsity as tfs
 from tf_sparsity import ops as sops
-from conftest import compile_sgd, random_like
+from support import compile_sgd, random_like
 
 L = keras.layers
 

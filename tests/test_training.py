@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import tf_sparsity as tfs
-from conftest import compile_sgd
+from support import compile_sgd
 
 
 def small_cnn():

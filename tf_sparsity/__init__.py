@@ -4,10 +4,40 @@
 >>> sparse = tfs.soft_threshold(model)                        # doctest: +SKIP
 >>> sparse.fit(x, y, callbacks=[tfs.callbacks.TargetSparsity(0.9)])  # doctest: +SKIP
 >>> tfs.summary(sparse); plain = tfs.strip(sparse)             # doctest: +SKIP
+
+Public: the functions below and the modules `layers`, `callbacks`,
+`optimizers`, `pruning`, `export`, `recipes`, `schedules`, `budget`,
+`datasets`, `zoo`, `ops`, `summarize` (the `tfs.summary` machinery; its row
+types are in `report`), `protocols` (the contracts a new layer implements)
+and `collapse`. Everything else (`_compat`, `surgery`, `prunable`, `steering`,
+`layer_copy`, `logs`, `experiments`, `demo`, `cli`, `plots`) is internal and
+may change.
 """
 
-from tf_sparsity import callbacks, datasets, export, layers, ops, optimizers, prunable, pruning, zoo
-from tf_sparsity.pruning.at_init import prune_at_init
+from tf_sparsity import _startup
+
+if _startup.launched_as_cli():
+    _startup.quiet_tensorflow_startup()
+
+from tf_sparsity import (  # noqa: E402
+    budget,
+    callbacks,
+    collapse,
+    datasets,
+    export,
+    layers,
+    ops,
+    optimizers,
+    protocols,
+    prunable,
+    pruning,
+    recipes,
+    report,
+    schedules,
+    summarize,
+    zoo,
+)
+from tf_sparsity.pruning.at_init import prune_at_init  # noqa: E402
 from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
 from tf_sparsity.summarize import sparsity, summary
@@ -16,6 +46,7 @@ from tf_sparsity.surgery import strip
 __version__ = "0.1.0"
 
 __all__ = [
-    "callbacks", "datasets", "export", "layers", "ops", "optimizers", "prunable", "pruning", "zoo",
+    "budget", "callbacks", "collapse", "datasets", "export", "layers", "ops", "optimizers", "protocols",
+    "prunable", "pruning", "recipes", "report", "schedules", "summarize", "zoo",
     "greedy_prune", "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
 ]

@@ -9,6 +9,8 @@ PRUNE_METHODS = ("str", "gsm", "synflow", "snip", "grasp", "magnitude", "random"
 
 def _parser():
     parser = argparse.ArgumentParser(prog="tf-sparsity", description="Sparse training for Keras 3.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's start-up log (CUDA stub, oneDNN, absl lines)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="every method on MNIST-1D; writes report.md, results.json, PNGs")
@@ -109,15 +111,12 @@ def _prune(args):
     verbose = 0 if args.quiet else 1
     callbacks, optimizer = [], None
     if args.method == "str":
-        model = tfs.soft_threshold(model, weight_decay=5e-4, learn_threshold=False, granularity=args.granularity)
+        model = tfs.recipes.str_model(model, granularity=args.granularity)
         callbacks = [tfs.callbacks.TargetSparsity(args.sparsity), tfs.callbacks.SparsityMonitor()]
     elif args.method == "gsm":
-        from tf_sparsity.optimizers import GlobalSparseMomentum
-
         steps = args.epochs * int(np.ceil(len(train[0]) / args.batch_size))
-        schedule = keras.optimizers.schedules.CosineDecay(args.learning_rate or 0.02, max(1, steps))
-        optimizer = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=5e-3,
-                                         target_sparsity=args.sparsity)
+        optimizer = tfs.recipes.gsm_optimizer(steps, sparsity=args.sparsity,
+                                              learning_rate=args.learning_rate or tfs.recipes.GSM["learning_rate"])
     elif args.method in ("greedy", "l1"):
         if args.method == "greedy":
             model = tfs.greedy_prune(model, train[0], flops=args.flops, finetune_steps=args.finetune_steps,
@@ -131,13 +130,13 @@ def _prune(args):
                                   loss=loss, verbose=verbose)
     if args.epochs:
         result = train_classifier(model, train, test, epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.learning_rate or 0.1, callbacks=callbacks, optimizer=optimizer,
+                                  learning_rate=args.learning_rate or tfs.recipes.SGD_LEARNING_RATE, callbacks=callbacks, optimizer=optimizer,
                                   verbose=verbose, loss=loss)
         print(f"test accuracy: {result['accuracy']:.4f}")
     if args.method == "gsm":
         from tf_sparsity.optimizers import final_prune
 
-        final_prune(model, target_sparsity=args.sparsity)
+        final_prune(model, sparsity=args.sparsity)
     if not args.keep_wrappers:
         model = tfs.strip(model)
     tfs.summary(model)
@@ -182,7 +181,7 @@ def _export(args):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow is quiet already (tf_sparsity._startup)
     try:
         if args.command == "demo":
             from tf_sparsity.demo import run_demo

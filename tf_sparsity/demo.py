@@ -7,14 +7,13 @@ import time
 import keras
 import numpy as np
 
-from tf_sparsity import callbacks, datasets, export, plots, zoo
+from tf_sparsity import callbacks, datasets, export, plots, recipes, zoo
 from tf_sparsity.experiments import train_classifier
 from tf_sparsity.export import runtimes
 from tf_sparsity.layers.low_rank import LowRankGRU
-from tf_sparsity.optimizers import GlobalSparseMomentum, final_prune
+from tf_sparsity.optimizers import final_prune
 from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.greedy import greedy_prune
-from tf_sparsity.pruning.str import soft_threshold
 from tf_sparsity.summarize import summary
 from tf_sparsity.surgery import strip
 
@@ -26,12 +25,9 @@ def _methods(quick, epochs, steps_per_epoch):
     def str_run(target, learn, granularity="weight"):
         def build(dense):
             # Blocks are kept whole (shrink=False): measured far better than shrinking them.
-            model = soft_threshold(zoo.mnist1d_cnn(), weight_decay=5e-4, learn_threshold=learn,
-                                   granularity=granularity, block_shape=(4, 1),
-                                   shrink=granularity == "weight")
-            # One dense warm-up epoch: thresholding from step 0, during MNIST-1D's
-            # initial loss plateau, trapped STR@0.95 at 53% (89% with the warm-up).
-            steer = callbacks.TargetSparsity(target, begin_step=steps_per_epoch)
+            model = recipes.str_model(zoo.mnist1d_cnn(), learn_threshold=learn, granularity=granularity,
+                                      block_shape=(4, 1), shrink=granularity == "weight")
+            steer = callbacks.TargetSparsity(target, begin_step=recipes.STR_WARMUP_EPOCHS * steps_per_epoch)
             return model, {"callbacks": [steer, callbacks.SparsityMonitor()]}, strip
         return build
 
@@ -40,9 +36,7 @@ def _methods(quick, epochs, steps_per_epoch):
         # weights; coupled L2 5e-3 drives the unselected weights to ~0.
         model = zoo.mnist1d_cnn()  # no kernel_regularizer: GSM applies the L2 itself
         model.set_weights(dense.get_weights())
-        schedule = keras.optimizers.schedules.CosineDecay(0.02, epochs * steps_per_epoch)
-        optimizer = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=5e-3,
-                                         target_sparsity=0.9)
+        optimizer = recipes.gsm_optimizer(epochs * steps_per_epoch, sparsity=0.9)
         return model, {"optimizer": optimizer}, lambda m: final_prune(m) or m
 
     def lowrank_gru(dense):
@@ -50,14 +44,13 @@ def _methods(quick, epochs, steps_per_epoch):
         # (0.75 of the factor weights removed ~ rank 1/4 of max_rank).
         inputs = keras.Input((40, 1))
         # Relative, exponential threshold steered from far below (see docs/low_rank.md).
-        hidden = LowRankGRU(32, threshold_fn="exponential", s_init=-10.0, learn_threshold=False,
-                            name="lowrank_gru")(inputs)
+        hidden = LowRankGRU(32, name="lowrank_gru", **recipes.LOW_RANK_STR)(inputs)
         model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="lowrank_gru_net")
-        return model, {"optimizer": keras.optimizers.Adam(1e-2, clipnorm=1.0),
+        return model, {"optimizer": recipes.low_rank_optimizer(),
                        "callbacks": [callbacks.TargetSparsity(0.75)]}, strip
 
     def synflow(dense):
-        model = prune_at_init(zoo.mnist1d_cnn(weight_decay=5e-4), "synflow", compression=10, verbose=0)
+        model = prune_at_init(zoo.mnist1d_cnn(weight_decay=recipes.DENSE_WEIGHT_DECAY), "synflow", compression=10, verbose=0)
         return model, {}, strip
 
     runs = [("dense", None, lambda dense: (dense, {}, lambda m: m))]
@@ -98,7 +91,7 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
             plain.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
             accuracy = float(plain.evaluate(*test, verbose=0)[1])
         else:
-            model, kwargs, finish = build(zoo.mnist1d_cnn(weight_decay=5e-4) if method == "dense" else dense)
+            model, kwargs, finish = build(zoo.mnist1d_cnn(weight_decay=recipes.DENSE_WEIGHT_DECAY) if method == "dense" else dense)
             result = train_classifier(model, train, test, epochs=epochs, **kwargs)
             histories[label] = result["history"]
             trained = summary(model, print_fn=None)  # thresholds and ranks live in the trained layers

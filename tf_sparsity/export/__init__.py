@@ -10,6 +10,8 @@
   -> `ExportResult` (`.tflite`, `.path`, `.report`).
 - `inspect(path_or_bytes)` -> `ModelInfo`: ops, tensors, sparse tensors,
   quantization and a `Verdict` per target, for any .tflite file.
+- Stages of `convert`, one module each: `prepare`, `inputs`, `converter`,
+  `verify`, `lut`.
 - `TARGETS`: the capability table (`targets.py`), `write_c_array`: the C
   source/header writer.
 
@@ -17,7 +19,7 @@ See docs/export.md for what sparsity buys on each target.
 """
 
 from tf_sparsity.export.c_array import write_c_array
-from tf_sparsity.export.conversion import convert, lut_candidates
+from tf_sparsity.export.pipeline import convert
 from tf_sparsity.export.errors import (
     ExportError,
     InvalidModelError,
@@ -25,6 +27,7 @@ from tf_sparsity.export.errors import (
     VerificationError,
 )
 from tf_sparsity.export.inspection import ModelInfo, Verdict, inspect
+from tf_sparsity.export.lut import lut_candidates
 from tf_sparsity.export.result import ExportReport, ExportResult
 from tf_sparsity.export.targets import TARGETS, Target
 

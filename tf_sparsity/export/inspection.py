@@ -275,11 +275,11 @@ class ModelInfo:
         return sum(t.bytes for t in self.tensors if t.constant)
 
     def verdict(self, target):
-        """The `Verdict` for one target name ('litert', 'edgetpu', 'tflm')."""
-        targets.get_target(target)
-        if target not in self._verdicts:
-            self._verdicts[target] = check(self, target)
-        return self._verdicts[target]
+        """The `Verdict` for one target: a `Target` or its name ('litert', 'edgetpu', 'tflm')."""
+        spec = target if isinstance(target, targets.Target) else targets.get_target(target)
+        if spec.name not in self._verdicts:
+            self._verdicts[spec.name] = check(self, spec)
+        return self._verdicts[spec.name]
 
     @property
     def verdicts(self):
@@ -366,9 +366,9 @@ def inspect(model):
 _INT8 = {"int8", "uint8"}
 
 
-def check(info, target):
-    """Check every op and tensor of `info` against `targets.TARGETS[target]`."""
-    spec = targets.get_target(target)
+def check(info, spec):
+    """Check every op and tensor of `info` against the `Target` `spec`."""
+    target = spec.name
     if target == "edgetpu":
         return _check_edgetpu(info, spec)
     problems, warnings = [], []

@@ -55,7 +55,7 @@ class SoftThreshold(KernelWrapper):
 
     >>> import numpy as np, keras, tf_sparsity as tfs
     >>> layer = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0)
-    >>> layer(np.ones((1, 8), "float32")).shape
+    >>> tuple(layer(np.ones((1, 8), "float32")).shape)
     (1, 4)
     """
 

@@ -1,0 +1,255 @@
+"""`convert`: Keras 3 model -> verified .tflite for LiteRT, the EdgeTPU or TFLM.
+
+`convert` reads as its stages: check the options, `prepare` the model
+(strip, unroll), build the `inputs` (signature, samples), run the
+`converter` (and settle sparsity), preflight against the target's table,
+`verify` on the runtimes, compile for the EdgeTPU, write. Each stage lives in
+its own module; the target name is resolved once and the `Target` passed on.
+"""
+
+import os
+
+from tf_sparsity.export import lut, runtimes, targets
+from tf_sparsity.export.atomic import atomic_write
+from tf_sparsity.export.c_array import write_c_array
+from tf_sparsity.export.converter import has_sparse_kernels, run_converter, settle_sparsity
+from tf_sparsity.export.errors import VerificationError
+from tf_sparsity.export.inputs import input_specs, random_samples, samples
+from tf_sparsity.export.inspection import inspect
+from tf_sparsity.export.prepare import check_model, check_quantize, prepare
+from tf_sparsity.export.result import ExportReport, ExportResult
+from tf_sparsity.export.verify import (
+    keras_outputs,
+    raise_unsupported,
+    verify_litert,
+    verify_tflm,
+    warn_on_mismatch,
+)
+
+__all__ = ["convert"]
+
+SPARSE_MODES = ("auto", True, False)
+COMPRESS_MODES = (None, "lut")
+
+
+def convert(model, target="litert", quantize=None, representative_data=None, sparse="auto", path=None,
+            verify=True, *, batch_size=1, input_shape=None, compress=None, c_files=None,
+            calibration_steps=100, verify_samples=16):
+    """Convert a Keras 3 model to a .tflite model for `target`, verified on its runtime.
+
+    Args:
+        model: a built Keras 3 model. tf_sparsity wrappers are stripped first
+            (`tfs.strip`), so pruned weights are exact zeros.
+        target: "litert" (phones, Linux boards; LiteRT with XNNPack),
+            "edgetpu" (Coral) or "tflm" (microcontrollers).
+        quantize: None (the target's default: float32 for litert, "int8"
+            for edgetpu/tflm), "dynamic" (int8 weights, float activations),
+            "float16" (float16 weights) or "int8" (full integer, int8 in/out).
+        representative_data: typical inputs, needed for "int8": an array
+            `(n, *input_shape)` (a tuple `(x, y)` is fine), a list of arrays /
+            dict by input name for multi-input models, or a `tf.data.Dataset`.
+            Up to `calibration_steps` samples calibrate the activation ranges;
+            the first `verify_samples` are also used for verification
+            (random normal inputs otherwise).
+        sparse: "auto" stores weights sparse only where a runtime kernel reads
+            them sparse (LiteRT: float FULLY_CONNECTED in 1x4 blocks, int8 in
+            1x16 blocks); True also keeps float weights the converter can only
+            encode as CSR + DENSIFY (smaller file, no speed-up); False stores
+            everything dense. int8 weights behind DENSIFY are never kept: they
+            fail to allocate under LiteRT's default XNNPack delegate. EdgeTPU
+            and TFLM read dense weights only.
+        path: where to write the .tflite (atomically, parent folders
+            created); for tflm also `<stem>.cc` / `<stem>.h` next to it (see
+            `c_files`); for edgetpu the compiler's `<stem>_edgetpu.tflite`
+            when `edgetpu_compiler` is installed.
+        verify: run the result on the target's runtime and compare with Keras.
+        batch_size: the static batch dimension (1; None keeps it dynamic,
+            litert only).
+        input_shape: shape (without batch) to fix unknown dims, e.g. a
+            sequence length; a list of shapes for multi-input models.
+        compress: "lut" applies tflite-micro's look-up-table compression to
+            weights with few distinct values (tflm only; see the report's
+            `compression` for candidates and bytes saved).
+        c_files: write the C array pair (default: True for tflm when `path`
+            is given).
+
+    Returns:
+        `ExportResult` with `.tflite`, `.path`, `.report`.
+
+    Raises:
+        ValueError: bad arguments (unknown target/quantize, int8 without
+            representative data, data of the wrong shape, sparse=True for a
+            dense-only target); `UnsupportedOpError` (a ValueError) for an op
+            the target cannot run; `VerificationError` when the runtime cannot
+            load or run the model.
+
+    Example:
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    >>> r = tfs.export.convert(m)                      # float, for LiteRT
+    >>> r.report.verification["max_abs_diff"] < 1e-5
+    True
+    >>> x = np.random.rand(100, 8).astype("float32")
+    >>> r = tfs.export.convert(m, target="tflm", representative_data=x)
+    >>> r.report.tflm["max_diff_vs_reference_steps"] <= 1
+    True
+    """
+    spec = targets.get_target(target)  # names are resolved here, once; inner stages get `spec`
+    quantize = _check_options(model, spec, quantize, sparse, compress, batch_size, path)
+    report = ExportReport(target=spec.name, quantize=quantize, sparse=sparse)
+    prepared = prepare(model, unroll=(quantize == "int8"), notes=report.notes)
+    specs = input_specs(prepared, batch_size, input_shape, representative_data, spec)
+    data = samples(representative_data, specs, limit=max(calibration_steps, verify_samples))
+    _require_calibration(quantize, data, specs, spec)
+    calibration = data[:calibration_steps]
+
+    def dense():
+        return run_converter(prepared, specs, quantize, calibration, sparse=False)
+
+    tflite = _converted(prepared, specs, quantize, calibration, sparse, spec, report, dense)
+    info = _preflight(tflite, spec, report)
+    if verify:
+        tflite, info = _verified(model, tflite, info, data, verify_samples, specs, quantize, compress,
+                                 spec, report, dense)
+    elif compress is not None:
+        tflite, _ = lut.lut_compress(tflite, report)
+        info = inspect(tflite)
+    compiled = _edgetpu_compiled(tflite, spec, report)
+    if spec.name == "tflm" and "candidates" not in report.compression:
+        report.compression.update(lut.lut_candidates(tflite))
+    _fill_report(report, info)
+    written, c_paths = _write(tflite, compiled, path, c_files, spec, report)
+    return ExportResult(tflite=tflite, path=written, target=spec.name, quantize=quantize, report=report,
+                        c_files=tuple(c_paths), compiled=compiled)
+
+
+# --------------------------------------------------------------------------
+# The stages, in order.
+
+def _check_options(model, spec, quantize, sparse, compress, batch_size, path):
+    """Every argument check, before anything heavy runs; returns the resolved `quantize`."""
+    target = spec.name
+    quantize = check_quantize(quantize, spec)
+    if sparse not in SPARSE_MODES:
+        raise ValueError(f"`sparse` must be 'auto', True or False; received {sparse!r}.")
+    if sparse is True and not spec.sparse:
+        raise ValueError(
+            f"sparse=True is not possible for target '{target}': {spec.runtime} has no kernel for "
+            "sparse tensors (no DENSIFY op; the model would not load). Use sparse='auto' or False "
+            "to store the weights dense; to make the model smaller or faster there, prune "
+            "structurally (fewer channels/neurons, e.g. tfs.greedy_prune)"
+            + (" or use compress='lut'" if target == "tflm" else "") + ".")
+    if compress not in COMPRESS_MODES:
+        raise ValueError(f"`compress` must be None or 'lut'; received {compress!r}.")
+    if compress is not None and target != "tflm":
+        raise ValueError(f"compress='lut' is tflite-micro's LUT compression: only for target='tflm', not '{target}'.")
+    if batch_size is None and spec.static_shapes:
+        raise ValueError(f"target '{target}' needs a static batch size; pass batch_size=1.")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or None; received {batch_size!r}.")
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file path or None; received {type(path).__name__}.")
+    check_model(model)
+    return quantize
+
+
+def _require_calibration(quantize, data, specs, spec):
+    if quantize == "int8" and not data:
+        shapes = ", ".join(str((None,) + tuple(s["shape"][1:])) for s in specs)
+        raise ValueError(
+            f"quantize='int8'{'' if spec.name == 'litert' else f' (required by target {spec.name!r})'} "
+            f"needs `representative_data`: about 100 typical inputs, an array of shape {shapes} such as "
+            "x_train[:100]. The converter runs them through the model to choose int8 ranges for "
+            "the activations.")
+
+
+def _converted(prepared, specs, quantize, calibration, sparse, spec, report, dense):
+    """Convert, offering the sparsity pass where the target reads sparse weights."""
+    try_sparse = spec.sparse and sparse is not False and (sparse is True or has_sparse_kernels(prepared))
+    tflite = run_converter(prepared, specs, quantize, calibration, sparse=try_sparse)
+    if try_sparse:
+        tflite = settle_sparsity(tflite, sparse, quantize, report, dense=dense)
+    return tflite
+
+
+def _preflight(tflite, spec, report):
+    """Check every op against the target's table; refuse what it cannot run (EdgeTPU: report)."""
+    info = inspect(tflite)
+    verdict = info.verdict(spec)
+    if spec.name == "edgetpu":
+        report.preflight = verdict
+        if verdict.first_fallback is not None:
+            report.warnings.append(f"EdgeTPU: {verdict.first_fallback} — this op and everything after it "
+                                   "run on the CPU")
+    elif not verdict.ok:
+        raise_unsupported(verdict, spec)
+    report.warnings += [w for w in verdict.warnings if spec.name != "edgetpu" or "maps ops only" not in w]
+    return info
+
+
+def _verified(model, tflite, info, data, count, specs, quantize, compress, spec, report, dense):
+    """Run on LiteRT (and tflite-micro for tflm) and compare with Keras, on `count` samples."""
+    verify_inputs = data[:count] or random_samples(specs, count)
+    if not data:
+        report.notes.append(f"verified on {len(verify_inputs)} random normal inputs (no representative_data)")
+    expected = keras_outputs(model, verify_inputs)
+    try:
+        report.verification = verify_litert(tflite, verify_inputs, expected, quantize)
+    except VerificationError as error:
+        if not (spec.name == "litert" and info.sparse_tensors):
+            raise
+        # Measured: some sparse encodings do not allocate under XNNPack.
+        # A dense model always does, so fall back rather than fail.
+        report.warnings.append(f"the sparse model did not load in LiteRT ({error}); exported dense instead")
+        tflite = dense()
+        report.densified = []
+        info = inspect(tflite)
+        report.verification = verify_litert(tflite, verify_inputs, expected, quantize)
+    warn_on_mismatch(report)
+    if spec.name == "tflm":
+        tflite = verify_tflm(tflite, verify_inputs, expected, compress, report)
+        info = inspect(tflite)
+    return tflite, info
+
+
+def _edgetpu_compiled(tflite, spec, report):
+    if spec.name != "edgetpu":
+        return None
+    if not runtimes.edgetpu_compiler():
+        report.notes.append("edgetpu_compiler is not on PATH: preflight only (install it from "
+                            "https://coral.ai/docs/edgetpu/compiler to compile and get its log)")
+        return None
+    compiled, report.compiler_log = runtimes.edgetpu_compile(tflite)
+    if compiled is None:
+        report.warnings.append("edgetpu_compiler failed; see compiler_log")
+    return compiled
+
+
+def _write(tflite, compiled, path, c_files, spec, report):
+    """Write the .tflite (and the EdgeTPU model, the C files) atomically."""
+    if path is None:
+        return None, ()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    written = atomic_write(path, tflite)
+    if compiled is not None:
+        root, ext = os.path.splitext(os.fspath(path))
+        atomic_write(root + "_edgetpu" + (ext or ".tflite"), compiled)
+    c_paths = ()
+    if c_files if c_files is not None else spec.name == "tflm":
+        c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
+    return written, c_paths
+
+
+def _fill_report(report, info):
+    report.size_bytes = info.size
+    report.ops = dict(info.op_counts)
+    io = lambda t: {"name": t.name, "shape": list(t.shape_signature), "dtype": t.dtype,  # noqa: E731
+                    "quantization": t.quantization}
+    report.inputs = [io(t) for t in info.inputs]
+    report.outputs = [io(t) for t in info.outputs]
+    report.tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.bytes}
+                      for t in info.tensors if t.constant]
+    report.sparse_tensors = [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, **t.sparsity.to_dict()}
+        for t in info.sparse_tensors]

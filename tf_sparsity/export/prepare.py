@@ -1,0 +1,95 @@
+"""Stage 1 of `convert`: check the model and make it convertible.
+
+Strip tf_sparsity wrappers and low-rank STR cells (pruned weights become exact
+zeros, ranks become factors) and unroll recurrent layers for integer targets.
+"""
+
+import keras
+
+from tf_sparsity import _compat, prunable, surgery
+from tf_sparsity.export import targets
+from tf_sparsity.protocols import StrippableCell
+
+__all__ = ["check_model", "check_quantize", "prepare"]
+
+
+def check_quantize(quantize, spec):
+    if quantize not in targets.QUANTIZE_MODES:
+        raise ValueError(f"`quantize` must be one of None, 'dynamic', 'float16', 'int8'; received {quantize!r}.")
+    if quantize is None:
+        return spec.quantize[0]
+    if quantize not in spec.quantize:
+        raise ValueError(
+            f"target '{spec.name}' needs full-integer models: quantize='int8' (with "
+            f"representative_data), not {quantize!r}. {spec.runtime} runs int8 kernels only"
+            + (" on the TPU" if spec.name == "edgetpu" else "") + ".")
+    return quantize
+
+
+def check_model(model):
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            f"`model` must be a Keras 3 `keras.Model`; received {type(model).__module__}."
+            f"{type(model).__name__}. (Convert a .tflite? Use tfs.export.inspect.)")
+    if not model.built:
+        raise ValueError("`model` must be built: give it an `Input` or call it once on data.")
+
+
+def prepare(model, unroll, notes):
+    """Strip tf_sparsity wrappers and low-rank STR cells; unroll RNN layers for integer targets."""
+    rebuildable = isinstance(model, _compat.REBUILDABLE_MODELS)
+    wrapped = surgery.wrappers(model)
+    # Low-rank STR cells (tf_sparsity.layers.low_rank) strip to rank-r factors.
+    low_rank = [l for l in prunable.iter_layers(model)
+                if prunable.protocol_owner(l, StrippableCell) not in (None, l)]
+    if wrapped or low_rank:
+        model = surgery.strip(model)
+    if wrapped:
+        notes.append(f"stripped {len(wrapped)} tf_sparsity wrapper(s): pruned weights are exact zeros")
+    if low_rank:
+        notes.append(f"stripped {len(low_rank)} low-rank STR recurrent layer(s) to their rank-r factors")
+    if unroll and rebuildable:
+
+        rnns = [l for l in prunable.iter_layers(model) if _needs_unroll(l)]
+        if rnns:
+            def replace(layer):
+                if not _needs_unroll(layer):
+                    return None
+                config = layer.get_config()
+                if isinstance(layer, keras.layers.Bidirectional):
+                    rnn_configs = [config["layer"]["config"]]
+                    if config.get("backward_layer"):
+                        rnn_configs.append(config["backward_layer"]["config"])
+                else:
+                    rnn_configs = [config]
+                for rnn_config in rnn_configs:
+                    rnn_config["unroll"] = True
+                    _conv_projection(rnn_config)
+
+                with _compat.unsafe_deserialization():
+                    return layer.__class__.from_config(config)
+
+            model = surgery.map_layers(model, replace)
+            notes.append("unrolled recurrent layer(s) " + ", ".join(f"'{l.name}'" for l in rnns)
+                         + " over the static sequence length: integer kernels have no loop support "
+                           "(full-int8 conversion of the WHILE loop fails)")
+    return model
+
+
+def _conv_projection(rnn_config):
+    """Put a factorized low-rank cell in its int8 export form (`projection="conv"`).
+
+    Its projections become 1x1 CONV_2D ops: tflite-micro's and LiteRT's
+    reference int8 kernels agree bit for bit on CONV_2D but round
+    FULLY_CONNECTED differently, which an unrolled recurrence compounds
+    (see `tf_sparsity.layers.low_rank.FactorizedGRUCell`). Same weights.
+    """
+    cell = rnn_config.get("cell")
+    if isinstance(cell, dict) and "projection" in cell.get("config", {}):
+        cell["config"]["projection"] = "conv"
+
+
+def _needs_unroll(layer):
+    if isinstance(layer, keras.layers.Bidirectional):
+        return not layer.forward_layer.unroll
+    return isinstance(layer, keras.layers.RNN) and not layer.unroll
