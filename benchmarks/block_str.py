@@ -13,12 +13,8 @@ of interleaved single-thread runs, as a ratio to the dense model of the same
 seed measured in the same run.
 """
 
-import argparse
-import json
-import os
-import pathlib
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -27,7 +23,6 @@ import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 from tf_sparsity.export import runtimes  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
 HIDDEN = (1024, 2048, 2048)
 # variant -> (granularity, shrink); None = dense
 # variant: (granularity, shrink, block_shape in the kernel's (in, out) layout)
@@ -36,7 +31,7 @@ VARIANTS = {"dense": None, "unstructured": ("weight", True, (4, 1)), "block1x4":
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--target", type=float, default=0.9)
@@ -86,7 +81,7 @@ def main():
     print("\n".join(lines))
     out = HERE / "results" / f"block_str_{'_'.join(v for v in a.variants if v != 'dense')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rows": rows, "table": lines}, indent=1))
+    write_results(out, {"args": vars(a), "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ random initialization pruned once: bytes and speed do not depend on the
 values (the verification numbers are in the JSON).
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -27,7 +26,7 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,7 +35,6 @@ import tf_sparsity as tfs  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
 from tf_sparsity.export import runtimes  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
 PATTERNS = ("dense", "random", "block1x4", "block1x16")
 
 
@@ -192,7 +190,7 @@ def goals(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--runs", type=int, default=100, help="invokes per round per variant")
     p.add_argument("--rounds", type=int, default=5)
@@ -219,7 +217,7 @@ def main():
     }
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=str))
+    write_results(path, result)
     print(table(rows))
     print(json.dumps(result["goals"], indent=1))
 

@@ -28,7 +28,6 @@
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -38,17 +37,16 @@ import tempfile
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_sparsity as tfs  # noqa: E402
-from tf_sparsity.experiments import sgd_cosine, train_classifier  # noqa: E402
+from tf_sparsity.experiments import train_classifier  # noqa: E402
 from tf_sparsity.optimizers import GlobalSparseMomentum, GSMMonitor, final_prune  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -290,7 +288,7 @@ def layer_table(rows):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20, help="dense (pre)training epochs")
     p.add_argument("--gsm-epochs", type=int, default=40, help="GSM training epochs")
@@ -366,9 +364,7 @@ def main():
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    write_results(out, results)
     print(f"\nwrote {out} in {results['seconds']:.0f} s")
 
 

@@ -8,7 +8,6 @@ tf_keras (the `baseline` extra). Step time is reported as a ratio to the
 dense run of the same seed, measured in the same invocation.
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -16,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -24,7 +23,6 @@ import numpy as np  # noqa: E402
 import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 
-HERE = pathlib.Path(__file__).parent
 
 
 def run_keras(kind, target, seed, data, a):
@@ -56,7 +54,7 @@ def run_tfmot(target, seed, npz, a):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--samples", type=int, default=10000)
@@ -96,7 +94,7 @@ def main():
             row["step_ratio"] = row["seconds_per_step"] / dense["seconds_per_step"]
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    write_results(path, {"args": vars(a), "rows": rows})
     print(table(rows))
 
 

@@ -21,13 +21,9 @@ rounds interleaved across the seed's models so load on the shared machine
 hits all alike.
 """
 
-import argparse
-import json
-import os
-import pathlib
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -39,7 +35,6 @@ import tf_sparsity.export  # noqa: E402,F401
 from tf_sparsity.pruning.greedy import _budgets, _imitate  # noqa: E402
 from export_targets import time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
 
-HERE = pathlib.Path(__file__).parent
 
 
 def evaluate(model, test):
@@ -80,7 +75,7 @@ def retrained(model, train, test, epochs, weight_decay=5e-4):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--channel-target", type=float, default=0.6)
@@ -158,7 +153,7 @@ def main():
     print("\n".join(lines))
     out = HERE / "results" / "structured.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "rows": rows, "table": lines}, indent=1))
+    write_results(out, {"args": vars(a), "rows": rows, "table": lines})
 
 
 if __name__ == "__main__":

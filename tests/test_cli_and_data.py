@@ -36,6 +36,7 @@ def test_digits():
     assert 0 <= x.min() and x.max() <= 1
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_report(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--output", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -71,6 +72,7 @@ def test_summary_command(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_help_and_bad_flags():
     run = subprocess.run([sys.executable, "-m", "tf_sparsity.cli", "demo", "--help"],
                          capture_output=True, text=True)
@@ -83,6 +85,7 @@ def test_cli_help_and_bad_flags():
     ("gsm_mnist1d.py", "at sparsity 0.9"),
     ("greedy_to_microcontroller.py", "TFLM arena bytes"),
 ])
+@pytest.mark.slow
 def test_examples_quick(script, expected, tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "examples" / script), "--quick",
                           *(["--output", str(tmp_path)] if "greedy" in script else [])],
@@ -95,6 +98,7 @@ def test_examples_quick(script, expected, tmp_path):
         assert list(tmp_path.glob("greedy_int8*.cc")) and list(tmp_path.glob("greedy_int8*.h"))
 
 
+@pytest.mark.slow
 def test_example_str_quick(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "str_mnist1d.py"), "--quick", "--target", "0.8",
@@ -117,6 +121,7 @@ def cli_files(tmp_path, mnist1d_data):
 @pytest.mark.parametrize("method, extra", [("str", ["--sparsity", "0.8"]), ("synflow", ["--sparsity", "0.9"]),
                                            ("gsm", ["--sparsity", "0.9"]),
                                            ("greedy", ["--flops", "0.5", "--finetune-steps", "5"])])
+@pytest.mark.slow
 def test_prune_command(method, extra, cli_files, capsys):
     out = cli_files / f"{method}.keras"
     code = cli.main(["prune", str(cli_files / "model.keras"), "--method", method, "--data",

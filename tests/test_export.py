@@ -143,6 +143,7 @@ def test_representative_data_as_dataset_with_labels(mnist1d_data):
     assert result.report.verification["argmax_agreement"] >= 0.9
 
 
+@pytest.mark.slow
 def test_strips_wrappers_and_unrolls_rnn_for_int8(x):
     wrapped = tfs.soft_threshold(mlp(hidden=(32,)))
     result = export.convert(wrapped, quantize="int8", representative_data=x)
@@ -219,6 +220,7 @@ def test_edgetpu_preflight_passes_for_the_cnn(cnn, x):
     assert verdict.parameter_bytes < 8 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_edgetpu_preflight_mobilenet_v2():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
     images = np.random.default_rng(0).random((8, 32, 32, 3)).astype("float32")

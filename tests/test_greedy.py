@@ -59,6 +59,7 @@ def test_pruned_model_equals_original_with_channels_masked():
     np.testing.assert_allclose(small(x), masked(x), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["local", "global", "auto"])
 def test_greedy_width_budget_shrinks_params_and_flops(objective, mnist1d_data, tmp_path):
     (x, y), _ = mnist1d_data
@@ -78,6 +79,7 @@ def test_greedy_width_budget_shrinks_params_and_flops(objective, mnist1d_data, t
                                   small.predict(x[:16], verbose=0))
 
 
+@pytest.mark.slow
 def test_flops_budget_and_l1_baseline(mnist1d_data):
     (x, _), _ = mnist1d_data
     model = tfs.zoo.mnist1d_cnn(filters=16, hidden=32)
@@ -110,6 +112,7 @@ def test_residual_blocks_are_left_alone_not_broken():
     assert small(data).shape == (32, 4)
 
 
+@pytest.mark.slow
 def test_real_architecture_is_analysed():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=10)
     chains, alone = surgery.channel_chains(model)

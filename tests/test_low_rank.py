@@ -10,6 +10,7 @@ import tensorflow as tf
 import tf_sparsity as tfs
 from support import compile_sgd, random_like
 from tf_sparsity.layers import low_rank as lr
+from tf_sparsity.layers.low_rank import factorized
 
 KINDS = {
     "gru": (lr.LowRankGRU, lr.LowRankGRUCell, lr.FactorizedGRUCell),
@@ -191,6 +192,7 @@ def test_max_rank_above_matrix_rank_is_named():
         lr.FactorizedGRUCell(UNITS, recurrent_rank=-1)
 
 
+@pytest.mark.slow
 def test_mixed_float16_trains_with_float32_thresholds():
     keras.mixed_precision.set_global_policy("mixed_float16")
     layer = lr.FastGRNN(UNITS, max_rank=(None, 4), weight_decay=1e-4)
@@ -221,6 +223,7 @@ def test_steering_to_a_rank_with_the_shared_solver():
     assert layer.ranks()[0] == 1 and abs(layer.ranks()[1] - 4) <= 1 and not collapsed
 
 
+@pytest.mark.slow
 def test_target_sparsity_callback_steers_rank_during_fit():
     layer = lr.LowRankGRU(16, max_rank=(None, 16), threshold_fn="exponential", s_init=-10.0,
                           learn_threshold=False)
@@ -240,6 +243,7 @@ def test_target_sparsity_finds_rnn_matrices_natively():
     assert [m.role for m in found] == ["recurrent"]
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_fit(mirrored_strategy):
     strategy = mirrored_strategy
     with strategy.scope():
@@ -270,6 +274,7 @@ def _int8_tflite(model, calibration):
     return converter.convert()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_stripped_unrolled_int8_runs_on_litert_and_tflm(kind):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
@@ -336,7 +341,7 @@ def test_conv_projection_is_bit_exact_on_tflm_and_litert_reference():
     keras.utils.set_random_seed(0)
     weights = np.random.default_rng(0).normal(size=(32, 96)).astype("float32")
     inputs = keras.Input((32,), batch_size=1)
-    model = keras.Model(inputs, keras.layers.Lambda(lambda t: lr._conv_matmul(t, weights))(inputs))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: factorized._conv_matmul(t, weights))(inputs))
     x = np.random.default_rng(1).normal(size=(100, 32)).astype("float32")
     np.testing.assert_allclose(model(x[:1]), x[:1] @ weights, rtol=1e-5, atol=1e-4)
     blob = _int8_tflite(model, x)
@@ -355,6 +360,7 @@ def test_conv_projection_is_bit_exact_on_tflm_and_litert_reference():
         np.testing.assert_array_equal(micro.get_output(0), reference.get_tensor(out["index"]))
 
 
+@pytest.mark.slow
 def test_export_convert_uses_the_conv_form_for_tflm():
     layer = lr.LowRankGRU(UNITS, max_rank=(None, 4))
     model = model_with(layer, steps=16, features=1)
@@ -364,11 +370,3 @@ def test_export_convert_uses_the_conv_form_for_tflm():
     ops = result.report.ops
     assert "WHILE" not in ops and ops.get("CONV_2D", 0) > 0 and ops.get("FULLY_CONNECTED", 0) == 1
     assert result.report.tflm["max_diff_vs_reference_steps"] <= 1
-
-
-def test_docstring_examples(monkeypatch):
-    for name in lr.__all__:  # until tfs.layers re-exports them
-        if not hasattr(tfs.layers, name):
-            monkeypatch.setattr(tfs.layers, name, getattr(lr, name), raising=False)
-    result = doctest.testmod(lr, extraglobs={"np": np, "keras": keras, "tfs": tfs})
-    assert result.failed == 0 and result.attempted > 20

@@ -31,6 +31,7 @@ def test_group_soft_threshold_granularities():
     assert np.all(channel[:, dead] == 0) and np.all(channel[:, ~dead] != 0)
 
 
+@pytest.mark.slow
 def test_block_str_trains_to_target_with_whole_blocks(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = tfs.zoo.mnist1d_mlp(hidden=(64, 64))
@@ -69,6 +70,7 @@ def test_channel_str_strip_removes_channels_exactly_for_dense_chains():
     assert tfs.summary(plain, print_fn=None).params < tfs.summary(model, print_fn=None).params
 
 
+@pytest.mark.slow
 def test_channel_str_cnn_strip_is_smaller_and_close(mnist1d_data):
     (x, y), _ = mnist1d_data
     sparse = compile_sgd(tfs.soft_threshold(tfs.zoo.mnist1d_cnn(filters=16, hidden=64), granularity="channel",

@@ -16,6 +16,7 @@ def small_cnn():
     return tfs.zoo.mnist1d_cnn(filters=16, hidden=64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("learn_threshold", [False, True])
 def test_target_sparsity_is_reached_and_layers_differ(mnist1d_data, learn_threshold):
     (x, y), (xt, yt) = mnist1d_data
@@ -60,6 +61,7 @@ def test_target_sparsity_needs_thresholds(mnist1d_data):
         model.fit(x[:256], y[:256], epochs=1, verbose=0, callbacks=[tfs.callbacks.TargetSparsity(0.5)])
 
 
+@pytest.mark.slow
 def test_layer_collapse_is_reported_by_name(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = small_cnn()
@@ -75,6 +77,7 @@ def test_layer_collapse_is_reported_by_name(mnist1d_data):
                    callbacks=[tfs.callbacks.SparsityMonitor(check_every=2, on_collapse="raise")])
 
 
+@pytest.mark.slow
 def test_monitor_writes_tensorboard(mnist1d_data, tmp_path):
     (x, y), _ = mnist1d_data
     sparse = compile_sgd(tfs.soft_threshold(small_cnn()))
@@ -84,6 +87,7 @@ def test_monitor_writes_tensorboard(mnist1d_data, tmp_path):
     assert files and files[0].stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_resume_from_checkpoint_continues_the_same_trajectory(mnist1d_data, tmp_path):
     (x, y), _ = mnist1d_data
     x, y = x[:1024], y[:1024]
@@ -112,6 +116,7 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(mnist1d_data, tmp_
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy):
     (x, y), _ = mnist1d_data
     x, y = x[:256], y[:256]
@@ -142,6 +147,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy
     assert abs(tfs.sparsity(mirrored) - 0.5) <= 0.01
 
 
+@pytest.mark.slow
 def test_mixed_float16_training(mnist1d_data):
     (x, y), _ = mnist1d_data
     keras.mixed_precision.set_global_policy("mixed_float16")

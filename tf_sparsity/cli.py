@@ -29,8 +29,11 @@ def _parser():
     prune.add_argument("--data", required=True,
                        help=".npz with arrays x and y (optionally x_test, y_test for the final accuracy)")
     prune.add_argument("--output", "-o", required=True, help="output .keras path")
-    prune.add_argument("--sparsity", type=float, default=0.9,
-                       help="fraction of prunable weights to remove (str, gsm, at-init methods); default 0.9")
+    budget = prune.add_mutually_exclusive_group()
+    budget.add_argument("--sparsity", type=float, default=None,
+                        help="fraction of prunable weights to remove (str, gsm, at-init methods); default 0.9")
+    budget.add_argument("--compression", type=float, default=None,
+                        help="or keep 1/C of the prunable weights (C > 1), as in the papers' tables")
     prune.add_argument("--flops", type=float, default=0.5,
                        help="fraction of dense MACs to keep (greedy, l1); default 0.5")
     prune.add_argument("--epochs", type=int, default=10, help="training epochs (0 = no training)")
@@ -96,8 +99,16 @@ def _prune(args):
     import tf_sparsity as tfs
     from tf_sparsity.experiments import train_classifier
 
-    if not 0 < args.sparsity < 1:
+    from tf_sparsity.budget import resolve_budget
+
+    if args.sparsity is None and args.compression is None:
+        args.sparsity = 0.9
+    if args.sparsity is not None and not 0 < args.sparsity < 1:
         raise ValueError("--sparsity must be in (0, 1)")
+    if args.compression is not None and not args.compression > 1:
+        raise ValueError("--compression must be > 1 (10 keeps 1/10 of the weights)")
+    budget = resolve_budget(args.compression, args.sparsity)  # one check, the library's messages
+    given = dict(compression=budget.compression, sparsity=budget.sparsity)
     if not 0 < args.flops < 1:
         raise ValueError("--flops must be in (0, 1)")
     if args.epochs < 0:
@@ -112,10 +123,10 @@ def _prune(args):
     callbacks, optimizer = [], None
     if args.method == "str":
         model = tfs.recipes.str_model(model, granularity=args.granularity)
-        callbacks = [tfs.callbacks.TargetSparsity(args.sparsity), tfs.callbacks.SparsityMonitor()]
+        callbacks = [tfs.callbacks.TargetSparsity(**given), tfs.callbacks.SparsityMonitor()]
     elif args.method == "gsm":
         steps = args.epochs * int(np.ceil(len(train[0]) / args.batch_size))
-        optimizer = tfs.recipes.gsm_optimizer(steps, sparsity=args.sparsity,
+        optimizer = tfs.recipes.gsm_optimizer(steps, **given,
                                               learning_rate=args.learning_rate or tfs.recipes.GSM["learning_rate"])
     elif args.method in ("greedy", "l1"):
         if args.method == "greedy":
@@ -126,7 +137,7 @@ def _prune(args):
                                               finetune_steps=args.finetune_steps)
         args.epochs = 0
     else:
-        model = tfs.prune_at_init(model, args.method, sparsity=args.sparsity, data=(train[0][:256], train[1][:256]),
+        model = tfs.prune_at_init(model, args.method, **given, data=(train[0][:256], train[1][:256]),
                                   loss=loss, verbose=verbose)
     if args.epochs:
         result = train_classifier(model, train, test, epochs=args.epochs, batch_size=args.batch_size,
@@ -136,7 +147,7 @@ def _prune(args):
     if args.method == "gsm":
         from tf_sparsity.optimizers import final_prune
 
-        final_prune(model, sparsity=args.sparsity)
+        final_prune(model, **given)
     if not args.keep_wrappers:
         model = tfs.strip(model)
     tfs.summary(model)

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from tf_sparsity.export import flatbuffer, targets
+from tf_sparsity.export.result import ExportResult
 
 
 @dataclasses.dataclass
@@ -353,7 +354,7 @@ def inspect(model):
             data = f.read()
     elif isinstance(model, (bytes, bytearray, memoryview)):
         data = bytes(model)
-    elif hasattr(model, "tflite"):  # an ExportResult
+    elif isinstance(model, ExportResult):
         data = model.tflite
     else:
         raise TypeError(f"`model` must be a path or .tflite bytes; received {type(model).__name__}.")
