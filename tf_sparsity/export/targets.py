@@ -135,38 +135,19 @@ class Target:
         return self.ops is None or name in self.ops
 
 
-TARGETS = {
-    "litert": Target(
-        name="litert",
-        runtime="LiteRT (ai_edge_litert) with the default XNNPack delegate",
-        quantize=(None, "dynamic", "float16", "int8"),
-        sparse=True,
-        ops=None,
-        custom_ops=frozenset({"TFLite_Detection_PostProcess"}),
-        static_shapes=False,
-        notes="1x4-block-sparse float FULLY_CONNECTED runs faster; int8 stores 1x16 blocks sparse",
-    ),
-    "edgetpu": Target(
-        name="edgetpu",
-        runtime="Coral Edge TPU (edgetpu_compiler + libedgetpu)",
-        quantize=("int8",),
-        sparse=False,
-        ops=frozenset(EDGETPU_OPS),
-        custom_ops=frozenset({"edgetpu-custom-op"}),
-        static_shapes=True,
-        notes="full int8; ops after the first unsupported one run on the CPU",
-    ),
-    "tflm": Target(
-        name="tflm",
-        runtime="TensorFlow Lite for Microcontrollers (tflite-micro)",
-        quantize=("int8",),
-        sparse=False,
-        ops=TFLM_BUILTIN_OPS,
-        custom_ops=TFLM_CUSTOM_OPS,
-        static_shapes=True,
-        notes="full int8; dense weights; LUT compression for few-valued weights",
-    ),
-}
+# The capability table: one row per target.
+TARGETS = {target.name: target for target in (
+    Target(name="litert", runtime="LiteRT (ai_edge_litert) with the default XNNPack delegate",
+           quantize=(None, "dynamic", "float16", "int8"), sparse=True, static_shapes=False, ops=None,
+           custom_ops=frozenset({"TFLite_Detection_PostProcess"}),
+           notes="1x4-block-sparse float FULLY_CONNECTED runs faster; int8 stores 1x16 blocks sparse"),
+    Target(name="edgetpu", runtime="Coral Edge TPU (edgetpu_compiler + libedgetpu)", quantize=("int8",),
+           sparse=False, static_shapes=True, ops=frozenset(EDGETPU_OPS), custom_ops=frozenset({"edgetpu-custom-op"}),
+           notes="full int8; ops after the first unsupported one run on the CPU"),
+    Target(name="tflm", runtime="TensorFlow Lite for Microcontrollers (tflite-micro)", quantize=("int8",),
+           sparse=False, static_shapes=True, ops=TFLM_BUILTIN_OPS, custom_ops=TFLM_CUSTOM_OPS,
+           notes="full int8; dense weights; LUT compression for few-valued weights"),
+)}
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
 
@@ -197,10 +178,12 @@ def _fused_activation(op, model):
     return None
 
 
-def _concatenation(op, model):
-    reason = _fused_activation(op, model)
-    if reason:
-        return reason
+def _every(*checks):
+    """One check made of several: the first reason any of them gives."""
+    return lambda op, model: next((reason for check in checks if (reason := check(op, model))), None)
+
+
+def _constant_concatenation_input(op, model):
     constants = [i for i in op.inputs if model.tensors[i].constant]
     if constants:
         if len(op.inputs) != 2:
@@ -211,6 +194,9 @@ def _concatenation(op, model):
             if value is not None and (value != zero).any():
                 return "has a constant input that is not all zeroes"
     return None
+
+
+_concatenation = _every(_fused_activation, _constant_concatenation_input)
 
 
 def _same_dilation(op, model):
@@ -252,15 +238,15 @@ def _no_batch_axis(op, model, index=1):
     return None
 
 
-def _mean(op, model):
-    reason = _no_batch_axis(op, model)
-    if reason:
-        return reason
+def _mean_depth(op, model):
     axes, rank = _axes(op, model)
     depth = model.tensors[op.inputs[0]].shape[-1] if rank else 1
     if rank >= 3 and (rank - 1) in axes and depth % 4:
         return f"reduces the z-dimension of size {depth}, not a multiple of 4"
     return None
+
+
+_mean = _every(_no_batch_axis, _mean_depth)
 
 
 def _pad(op, model):
