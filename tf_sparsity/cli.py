@@ -15,7 +15,7 @@ def _parser():
 
     demo = sub.add_parser("demo", help="every method on MNIST-1D; writes report.md, results.json, PNGs")
     demo.add_argument("--output", "-o", default="demo_out", help="folder for report.md, results.json, PNGs")
-    demo.add_argument("--quick", action="store_true", help="a smoke run of under two minutes")
+    demo.add_argument("--quick", action="store_true", help="a smoke run (about 2-3 minutes on 2 cores)")
     demo.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20, quick 4)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quiet", action="store_true", help="no progress output")
