@@ -6,7 +6,7 @@
 >>> tfs.summary(sparse); plain = tfs.strip(sparse)             # doctest: +SKIP
 """
 
-from tf_sparsity import callbacks, datasets, export, layers, ops, optimizers, prunable, pruning, zoo
+from tf_sparsity import callbacks, datasets, distribute, export, layers, ops, optimizers, prunable, pruning, zoo
 from tf_sparsity.pruning.at_init import prune_at_init
 from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
@@ -16,6 +16,6 @@ from tf_sparsity.surgery import strip
 __version__ = "0.1.0"
 
 __all__ = [
-    "callbacks", "datasets", "export", "layers", "ops", "optimizers", "prunable", "pruning", "zoo",
+    "callbacks", "datasets", "distribute", "export", "layers", "ops", "optimizers", "prunable", "pruning", "zoo",
     "greedy_prune", "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
 ]
