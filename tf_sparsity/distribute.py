@@ -175,10 +175,12 @@ _CKPT = "tfs_backup.npz"
 
 def _state_variables(model):
     """Everything a resumed job needs: model weights and optimizer variables, by stable key."""
+    # Keyed by position, not by path: paths carry process-dependent suffixes
+    # (`sgd_3/...`); shapes are checked on restore.
     state = {}
     for prefix, variables in (("model", model.weights), ("optimizer", model.optimizer.variables)):
         for i, v in enumerate(variables):
-            state[f"{prefix}/{i:05d}/{v.path}"] = v
+            state[f"{prefix}/{i:05d}"] = v
     return state
 
 
@@ -208,11 +210,14 @@ def _load_backup(backup_dir, model):
         arrays = {k: data[k] for k in data.files}
     meta = json.loads(str(arrays.pop("__meta__")))
     state = _state_variables(model)
-    if set(state) != set(arrays):
-        missing = sorted(set(state) ^ set(arrays))[:5]
+    mismatched = sorted(set(state) ^ set(arrays)) or [
+        f"{state[k].path}: {tuple(arrays[k].shape)} saved, {tuple(state[k].shape)} now"
+        for k in state if tuple(arrays[k].shape) != tuple(state[k].shape)
+    ]
+    if mismatched:
         raise ValueError(
             f"`backup_dir`: the backup in {backup_dir} was written by a different model or optimizer "
-            f"(variables differ, e.g. {missing}). Delete it or use another `backup_dir`."
+            f"(variables differ, e.g. {mismatched[:3]}). Delete it or use another `backup_dir`."
         )
     for key, v in state.items():
         v.assign(arrays[key])
