@@ -129,6 +129,16 @@ def mnist_dataset(data, n=512, batch=64, seed=5):
     return tf.data.Dataset.from_tensor_slices((x[:n], y[:n])).shuffle(n, seed=seed).batch(batch)
 
 
+class _Crash(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise RuntimeError("simulated crash")
+
+
 # -------------------------------------------------------- fast: API checks
 @pytest.mark.parametrize("name, value", [
     ("validation_split", 0.1), ("validation_data", None), ("class_weight", {0: 1.0}),
@@ -162,6 +172,9 @@ def test_argument_errors_are_clear():
         tfs.distribute.fit(model, data, callbacks=[keras.callbacks.BackupAndRestore("/tmp/nowhere")])
     with pytest.raises(TypeError, match="unexpected keyword"):
         tfs.distribute.fit(model, data, epoch=3)
+    model.compile("sgd", "mse", steps_per_execution=2)
+    with pytest.raises(ValueError, match="steps_per_execution"):
+        tfs.distribute.fit(model, data)
 
 
 def test_model_from_another_strategy_is_refused(mirrored_strategy):
@@ -285,16 +298,6 @@ def test_mirrored_strategy_matches_one_device(mnist1d_data, mirrored_strategy):
         assert values[0] == values[1]
 
 
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, step):
-        super().__init__()
-        self.step = step
-
-    def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) == self.step:
-            raise RuntimeError("simulated crash")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["str", "gsm"])
 def test_backup_resumes_mid_epoch_on_the_same_trajectory(mnist1d_data, tmp_path, kind):
@@ -324,6 +327,30 @@ def test_backup_resumes_mid_epoch_on_the_same_trajectory(mnist1d_data, tmp_path,
     for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):  # momentum, counts
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7, err_msg=a.path)
     assert not backup.exists()  # deleted once training completed, as BackupAndRestore does
+
+
+def test_backup_restores_dropout_rng_and_reshuffled_order(tmp_path):
+    def run(crash=None, seed=0):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8), keras.layers.Dropout(0.5),
+                                  keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+        keras.utils.set_random_seed(0)
+        rng = np.random.default_rng(0)
+        data = tf.data.Dataset.from_tensor_slices(
+            (rng.normal(size=(32, 6)).astype("float32"), rng.normal(size=(32, 1)).astype("float32"))
+        ).shuffle(32, seed=1).batch(8)
+        callbacks = [] if crash is None else [_Crash(crash)]
+        tfs.distribute.fit(model, data, epochs=3, verbose=0, callbacks=callbacks,
+                           backup_dir=str(tmp_path / "b"), save_freq=2)
+        return model
+
+    straight = run()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash=7)  # backup at step 6: epoch 1, step 2
+    resumed = run(seed=5)
+    for a, b in zip(straight.weights, resumed.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------ slow: real worker processes

@@ -177,8 +177,11 @@ def _state_variables(model):
     """Everything a resumed job needs: model weights and optimizer variables, by stable key."""
     # Keyed by position, not by path: paths carry process-dependent suffixes
     # (`sgd_3/...`); shapes are checked on restore.
+    # `model.variables` = weights + seed-generator states (dropout RNG) + metric
+    # variables; metrics (sync-on-read, reset every epoch) are left out.
+    model_vars = [v for v in model.variables if getattr(v, "synchronization", None) != "on_read"]
     state = {}
-    for prefix, variables in (("model", model.weights), ("optimizer", model.optimizer.variables)):
+    for prefix, variables in (("model", model_vars), ("optimizer", model.optimizer.variables)):
         for i, v in enumerate(variables):
             state[f"{prefix}/{i:05d}"] = v
     return state
@@ -269,24 +272,26 @@ def fit(model, dataset, epochs=1, callbacks=None, strategy=None, verbose=1, init
     `chief_only(cb)` does the same for your own callbacks.
 
     Checkpoint and resume: with `backup_dir`, the chief saves the model
-    weights (with STR threshold offsets and BN statistics), every optimizer
+    variables (weights, STR threshold offsets, BN statistics), every optimizer
     variable (step counter, momentum, GSM's active counts, loss scale) and
     the position in the data, every `save_freq` steps or at each epoch end.
     A restarted job (all workers, with the same arguments) restores it and
     continues the same trajectory, mid-epoch included: the batches already
-    trained in the current epoch are skipped. This is exact when every
-    epoch's data order is reproducible: an unshuffled dataset, one shuffled
-    with `reshuffle_each_iteration=False`, or a callable `epoch -> Dataset`
-    with a per-epoch seed. `backup_dir` must be readable by every worker.
-    `TargetSparsity` recomputes the offset at the resumed step: choose
-    `save_freq` as a multiple of its `update_every` for an identical
+    trained in the current epoch are skipped on the same iterator, and the
+    iterators earlier epochs opened are opened again, so a dataset shuffled
+    with fixed seeds (`shuffle(n, seed=...)` after the same global seed)
+    reshuffles as in the uninterrupted run (unseeded shuffling cannot be
+    replayed). Keras' seed generators (dropout's RNG) are saved too. A callable
+    `epoch -> Dataset` is rebuilt per epoch. `backup_dir` must be readable by
+    every worker. `TargetSparsity` recomputes the offset at the resumed step:
+    choose `save_freq` as a multiple of its `update_every` for an identical
     trajectory.
 
     Not covered (each raises a ValueError naming the argument): array
     inputs (`x`, `y`, `batch_size`, `shuffle`, `sample_weight`),
     `class_weight`, validation (`validation_data`, `validation_split`, ...),
-    Keras' `BackupAndRestore` (use `backup_dir`). Also: `steps_per_execution`
-    is treated as 1, the dataset must have a known number of batches (or be
+    Keras' `BackupAndRestore` (use `backup_dir`), `steps_per_execution` > 1.
+    Also: the dataset must have a known number of batches (or be
     infinite with `steps_per_epoch`), and for results equal to one process
     on the global batch every batch must split evenly over the replicas
     (Keras, like this loop, averages per replica).
@@ -342,6 +347,11 @@ def fit(model, dataset, epochs=1, callbacks=None, strategy=None, verbose=1, init
         verbose = 1
     if save_freq != "epoch" and (not isinstance(save_freq, int) or isinstance(save_freq, bool) or save_freq < 1):
         raise ValueError(f"`save_freq` must be 'epoch' or an integer >= 1; received {save_freq!r}.")
+    if getattr(model, "steps_per_execution", 1) != 1:
+        raise ValueError(
+            "tfs.distribute.fit does not support `steps_per_execution` > 1 (compile argument); "
+            "compile with steps_per_execution=1."
+        )
     strategy = strategy or model.distribute_strategy
     if not _created_in(strategy, model):
         raise ValueError(
