@@ -223,9 +223,9 @@ def main(argv=None):
                    "worker_epochs": args.worker_epochs},
     }
     if args.part in ("loop", "all"):
-        result["loop"] = part_loop(args)
+        result["loop"] = dict(part_loop(args), command=result["command"], load_average=os.getloadavg())
     if args.part in ("workers", "all"):
-        result["workers"] = part_workers(args)
+        result["workers"] = dict(part_workers(args), command=result["command"], load_average=os.getloadavg())
     out = pathlib.Path(args.out)
     if out.exists() and args.part != "all":  # keep the other part of an earlier run
         previous = json.loads(out.read_text())
