@@ -246,6 +246,26 @@ def test_fit_docstring_example_runs():
     assert runner.tries > 0 and runner.failures == 0
 
 
+def test_infinite_dataset_with_steps_per_epoch_matches_fit():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 3)).astype("float32"), rng.normal(size=(20, 1)).astype("float32")
+
+    def run(loop):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+        model.compile(keras.optimizers.SGD(0.05, momentum=0.9), "mse")
+        data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(20, seed=2).repeat().batch(4)
+        history = loop(model, data)
+        return model, history.history["loss"]
+
+    a, loss_a = run(lambda m, d: m.fit(d, epochs=3, steps_per_epoch=3, verbose=0))
+    b, loss_b = run(lambda m, d: tfs.distribute.fit(m, d, epochs=3, steps_per_epoch=3, verbose=0))
+    assert int(b.optimizer.iterations.numpy()) == 9
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    for u, v in zip(a.weights, b.weights):
+        np.testing.assert_allclose(v.numpy(), u.numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_chief_only_forwards_hooks_on_the_chief():
     seen = []
 

@@ -365,7 +365,8 @@ def fit(model, dataset, epochs=1, callbacks=None, strategy=None, verbose=1, init
     if steps_per_epoch is not None:
         if not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
             raise ValueError(f"`steps_per_epoch` must be an integer >= 1; received {steps_per_epoch!r}.")
-        if cardinality != tf.data.INFINITE_CARDINALITY or callable(dataset) and not isinstance(dataset, tf.data.Dataset):
+        per_epoch_callable = callable(dataset) and not isinstance(dataset, tf.data.Dataset)
+        if cardinality != tf.data.INFINITE_CARDINALITY or per_epoch_callable:
             raise ValueError(
                 "`steps_per_epoch` is only supported with one infinite dataset (`dataset.repeat()`): "
                 "otherwise an epoch is one pass over the dataset."
