@@ -258,7 +258,7 @@ def test_infinite_dataset_with_steps_per_epoch_matches_fit():
         history = loop(model, data)
         return model, history.history["loss"]
 
-    a, loss_a = run(lambda m, d: m.fit(d, epochs=3, steps_per_epoch=3, verbose=0))
+    a, loss_a = run(lambda m, d: m.fit(d, epochs=3, steps_per_epoch=3, verbose=0, shuffle=False))
     b, loss_b = run(lambda m, d: tfs.distribute.fit(m, d, epochs=3, steps_per_epoch=3, verbose=0))
     assert int(b.optimizer.iterations.numpy()) == 9
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
