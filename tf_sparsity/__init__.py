@@ -6,7 +6,7 @@
 >>> tfs.summary(sparse); plain = tfs.strip(sparse)             # doctest: +SKIP
 
 Public: the functions below and the modules `layers`, `callbacks`,
-`optimizers`, `pruning`, `export`, `recipes`, `schedules`, `budget`,
+`optimizers`, `pruning`, `export`, `distribute`, `recipes`, `schedules`, `budget`,
 `datasets`, `zoo`, `ops`, `summarize` (the `tfs.summary` machinery; its row
 types are in `report`), `protocols` (the contracts a new layer implements)
 and `collapse`. Everything else (`_compat`, `surgery`, `prunable`, `steering`,
@@ -24,6 +24,7 @@ from tf_sparsity import (  # noqa: E402
     callbacks,
     collapse,
     datasets,
+    distribute,
     export,
     layers,
     ops,
@@ -46,7 +47,7 @@ from tf_sparsity.surgery import strip
 __version__ = "0.1.0"
 
 __all__ = [
-    "budget", "callbacks", "collapse", "datasets", "export", "layers", "ops", "optimizers", "protocols",
+    "budget", "callbacks", "collapse", "datasets", "distribute", "export", "layers", "ops", "optimizers", "protocols",
     "prunable", "pruning", "recipes", "report", "schedules", "summarize", "zoo",
     "greedy_prune", "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
 ]

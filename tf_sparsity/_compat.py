@@ -17,7 +17,7 @@ from keras.src.saving import serialization_lib as _serialization_lib
 __all__ = [
     "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
-    "all_reduce_sum_gradients",
+    "all_reduce_sum_gradients", "symbolic_build",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -81,3 +81,10 @@ def all_reduce_sum_gradients(optimizer, grads_and_vars):
     """Sum gradients over replicas (a no-op outside a replica context), via the
     Keras TF optimizer's own helper. Keras 3.12-3.15."""
     return optimizer._all_reduce_sum_gradients(grads_and_vars)
+
+
+def symbolic_build(model, data_batch):
+    """Build a compiled model's loss, metrics and optimizer from one batch's shapes,
+    as `fit` does before tracing its step (`Trainer._symbolic_build`; no public
+    equivalent). Keras 3.15. Used by `tfs.distribute.fit`."""
+    model._symbolic_build(data_batch=data_batch)
