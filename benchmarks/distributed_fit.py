@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import write_results  # noqa: E402  (first: quiet TensorFlow, results with the environment)
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -231,8 +231,8 @@ def main(argv=None):
         previous = json.loads(out.read_text())
         previous.update({k: v for k, v in result.items()})
         result = previous
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    result.pop("environment", None)
+    write_results(out, result)
     print(json.dumps({k: v for k, v in result.items() if k in ("loop", "workers")}, indent=2))
 
 
