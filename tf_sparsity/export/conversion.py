@@ -34,7 +34,7 @@ _MIN_SPARSITY_TO_TRY = 0.3
 
 def convert(model, target="litert", quantize=None, representative_data=None, sparse="auto", path=None,
             verify=True, *, batch_size=1, input_shape=None, compress=None, c_files=None,
-            calibration_steps=100, verify_samples=16):
+            calibration_steps=100, verify_samples=16, recurrent="auto"):
     """Convert a Keras 3 model to a .tflite model for `target`, verified on its runtime.
 
     Args:
@@ -72,6 +72,15 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
             `compression` for candidates and bytes saved).
         c_files: write the C array pair (default: True for tflm when `path`
             is given).
+        recurrent: how recurrent layers are exported (docs/export.md,
+            `tf_sparsity.export.recurrent`): "step" (one time step, the state
+            an input and an output: weights once, size independent of the
+            sequence; `result.run_sequence(x)`; for tflm also
+            `<stem>_sequence.h`, the C++ loop), "loop" (float WHILE graph),
+            "fused" (LSTM as UNIDIRECTIONAL_SEQUENCE_LSTM), "unroll" (plain
+            ops over a static length) or "auto": step for tflm/edgetpu (unroll
+            where step is impossible), loop for float and unroll for int8 on
+            litert.
 
     Returns:
         `ExportResult` with `.tflite`, `.path`, `.report`.
@@ -121,7 +130,17 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
     import keras  # noqa: F401  (after argument checks: fast failures stay fast)
 
     report = ExportReport(target=target, quantize=quantize, sparse=sparse)
-    prepared = _prepare(model, unroll=(quantize == "int8"), notes=report.notes)
+    from tf_sparsity.export import recurrent as _recurrent
+
+    form, reason = _recurrent.resolve(model, target, quantize, recurrent)
+    if form in ("step", "fused"):
+        return _recurrent.convert_form(form, model, spec, quantize, representative_data, path, verify, reason=reason,
+                                       report=report, input_shape=input_shape, c_files=c_files, compress=compress,
+                                       calibration_steps=calibration_steps, verify_samples=verify_samples,
+                                       batch_size=batch_size)
+    if form is not None:
+        report.recurrent = {"form": form, "reason": reason}
+    prepared = _prepare(model, unroll=(form == "unroll"), notes=report.notes)
     input_specs = _input_specs(prepared, batch_size, input_shape, representative_data, spec)
     calibration = _samples(representative_data, input_specs, limit=max(calibration_steps, verify_samples))
     if quantize == "int8" and not calibration:
@@ -185,6 +204,8 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
         report.compression.update(lut_candidates(tflite))
 
     _fill_report(report, info)
+    if form is not None:
+        report.recurrent.update(file_bytes=len(tflite), arena_bytes=report.tflm.get("arena_bytes"))
     written, c_paths = None, ()
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
