@@ -55,6 +55,7 @@ FORMS = ("auto", "step", "loop", "fused", "unroll")
 METADATA_NAME = "tf_sparsity.recurrent"
 # Calibration samples (one time step each) for the int8 step model.
 _MAX_CALIBRATION_STEPS = 800
+_PER_CHANNEL = True  # int8 FULLY_CONNECTED weights per output channel (the converter's default)
 
 
 # --------------------------------------------------------------------------
@@ -65,6 +66,12 @@ def _functional_class():
     import keras
 
     return keras.src.models.Functional
+
+
+def _per_tensor_dense(converter):
+    # COMPAT: a private TFLiteConverter attribute (TF 2.21): per-tensor int8
+    # weights for FULLY_CONNECTED (one multiplier per op, not per channel).
+    converter._experimental_disable_per_channel_quantization_for_dense_layers = True
 
 
 # --------------------------------------------------------------------------
@@ -361,7 +368,7 @@ def _calibration_steps(samples, limit, seed=0):
 # --------------------------------------------------------------------------
 # Conversion of the step model.
 
-def _convert_step_model(prepared, plan, quantize, calibration):
+def _convert_step_model(prepared, plan, quantize, calibration, per_channel=True):
     import keras
     import tensorflow as tf
 
@@ -384,6 +391,8 @@ def _convert_step_model(prepared, plan, quantize, calibration):
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
         converter.representative_dataset = lambda: ([np.asarray(a, np.float32) for a in s] for s in calibration)
+        if not per_channel:
+            _per_tensor_dense(converter)
     with runtimes.captured_stderr() as log, _warnings.catch_warnings():
         _warnings.simplefilter("ignore")
         try:
@@ -849,8 +858,7 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     if quantize == "int8":
         _, recorded = _rollout(step, plan, sequences[:calibration_steps], record=True)
         calibration = _calibration_steps(recorded, _MAX_CALIBRATION_STEPS)
-    tflite = _convert_step_model(prepared, plan, quantize, calibration)
-    info = inspect(tflite)
+    tflite = _convert_step_model(prepared, plan, quantize, calibration, per_channel=_PER_CHANNEL)
     tflite, meta = _finish_step_model(tflite, plan, quantize)
     info = inspect(tflite)
     meta["op_names"] = sorted(info.op_counts)
