@@ -881,7 +881,7 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
         samples = sequences[:verify_samples] if sequences is not None else _random_sequences(plan, verify_samples)
         if sequences is None:
             report.notes.append(f"verified on {len(samples)} random normal sequences (no representative_data)")
-        expected = np.asarray(model(samples, training=False))
+        expected = _keras_sequences(model, samples)
         litert = run_sequence(tflite, samples, runtime="litert", raw=True)
         report.verification = {"runtime": "ai_edge_litert (default XNNPack delegate), per sequence",
                                **_agreement(litert, expected, meta)}
@@ -936,6 +936,25 @@ def _sequences(model, plan, input_shape, data, calibration_steps, verify_samples
     if not arrays:
         return None
     return np.concatenate([a[0] for a in arrays]).astype(np.float32)
+
+
+def _keras_sequences(model, samples):
+    """Keras outputs of whole sequences from the zero state (stateful layers: one by one, state restored)."""
+    stateful = [l for l in recurrent_layers(model) if getattr(l, "stateful", False)]
+    if not stateful:
+        return np.asarray(model(samples, training=False))
+    saved = [[np.asarray(v) for v in (l.states or [])] for l in stateful]
+    try:
+        outs = []
+        for k in range(len(samples)):
+            for layer in stateful:
+                layer.reset_state()
+            outs.append(np.asarray(model(samples[k:k + 1], training=False))[0])
+        return np.stack(outs)
+    finally:
+        for layer, values in zip(stateful, saved):
+            for variable, value in zip(layer.states or [], values):
+                variable.assign(value)
 
 
 def _random_sequences(plan, n):
