@@ -200,3 +200,18 @@ def test_fused_lstm_runs_int8_on_tflm():
 def test_docstring_examples():
     failures, _ = doctest.testmod(recurrent, optionflags=doctest.ELLIPSIS)
     assert failures == 0
+
+
+def test_cli_prune_lowrank_makes_a_low_rank_rnn(tmp_path):
+    from tf_sparsity import cli
+
+    model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
+    model.save(tmp_path / "gru.keras")
+    x = seqs(64)
+    np.savez(tmp_path / "data.npz", x=x, y=np.arange(64) % 3)
+    cli.main(["prune", str(tmp_path / "gru.keras"), "--method", "lowrank", "--data", str(tmp_path / "data.npz"),
+              "--output", str(tmp_path / "out.keras"), "--epochs", "2", "--sparsity", "0.5", "--from-logits",
+              "--quiet"])
+    pruned = keras.saving.load_model(tmp_path / "out.keras")
+    cell = pruned.layers[0].cell
+    assert type(cell).__name__ == "FactorizedGRUCell" and cell.recurrent_rank is not None and cell.recurrent_rank < 8
