@@ -177,9 +177,10 @@ def step_plan(model, steps=None):
                             "hides its layer graph). Use recurrent='unroll'.")
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     previous = inputs[0]
+    sequential = isinstance(model, keras.Sequential)  # a chain by construction
     for layer in layers:
         try:
-            ok = layer.input is previous
+            ok = sequential or layer.input is previous
         except (AttributeError, ValueError):
             ok = False
         if not ok:
@@ -339,7 +340,8 @@ def _rollout(step, plan, x, state_params=None, record=False):
         y = keras.ops.convert_to_numpy(result[0])
         states = [keras.ops.convert_to_numpy(s).astype(np.float32) for s in result[1:]]
         if state_params is not None:
-            states = [runtimes.dequantize(runtimes.quantize(s, p, np.int8), p) for s, p in zip(states, state_params)]
+            states = [runtimes.dequantize(runtimes.quantize(s, p[:2], np.dtype(p[2]) if len(p) > 2 else np.int8), p[:2])
+                      for s, p in zip(states, state_params)]
         outputs.append(y)
     if record:  # the final states as inputs too: the state inputs' range covers every state
         samples.append([np.asarray(x[:, -1, :], np.float32)] + [s.copy() for s in states])
@@ -368,7 +370,7 @@ def _calibration_steps(samples, limit, seed=0):
 # --------------------------------------------------------------------------
 # Conversion of the step model.
 
-def _convert_step_model(prepared, plan, quantize, calibration, per_channel=True):
+def _convert_step_model(prepared, plan, quantize, calibration, per_channel=True, activations="int8"):
     import keras
     import tensorflow as tf
 
@@ -387,9 +389,12 @@ def _convert_step_model(prepared, plan, quantize, calibration, per_channel=True)
     if quantize == "float16":
         converter.target_spec.supported_types = [tf.float16]
     if quantize == "int8":
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        if activations == "int16":  # 16x8: int16 activations and states, int8 weights
+            converter.target_spec.supported_ops = [
+                tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        else:
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = converter.inference_output_type = tf.as_dtype(activations)
         converter.representative_dataset = lambda: ([np.asarray(a, np.float32) for a in s] for s in calibration)
         if not per_channel:
             _per_tensor_dense(converter)
@@ -441,7 +446,7 @@ def _finish_step_model(tflite, plan, quantize):
         t_in, t_out = sub.tensors[inputs[1 + k]], sub.tensors[outs[1 + k]]
         p_in, p_out = _params(t_in), _params(t_out)
         shared = outs.count(outs[1 + k]) > 1 or outs[1 + k] in inputs
-        if quantize == "int8" and (p_in != p_out or shared):
+        if p_in[0] and (p_in != p_out or shared):
             if quantize_code is None:
                 quantize_code = _opcode(model, schema.BuiltinOperator.QUANTIZE, schema)
             new = schema.TensorT()
@@ -466,7 +471,7 @@ def _finish_step_model(tflite, plan, quantize):
         t_in.name = f"state_{k}".encode()
         entry = {"layer": s["layer"], "index": s["index"], "size": s["size"], "input": 1 + k, "output": 1 + k,
                  "dtype": flatbuffer.dtype_name(t_in.type), "requantized": requantized}
-        if quantize == "int8":
+        if p_in[0]:
             entry.update(scale=p_in[0], zero_point=p_in[1])
         meta_states.append(entry)
     sub.tensors[inputs[0]].name = b"x"
@@ -623,7 +628,7 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
                          f"{len(initial_state)}.")
     set_input, invoke, get_output = _session(tflite, runtime, arena_size)
     in_q, out_q = meta["input"], meta["output"]
-    quant = lambda v, q: (runtimes.quantize(v, (q["scale"], q["zero_point"]), np.int8)  # noqa: E731
+    quant = lambda v, q: (runtimes.quantize(v, (q["scale"], q["zero_point"]), np.dtype(q["dtype"]))  # noqa: E731
                           if q.get("scale") else np.asarray(v, np.float32))
     results = []
     with runtimes.captured_stderr() as log:
@@ -671,13 +676,12 @@ def time_sequence(tflite, x, runtime="tflm", repeats=None):
         seq = x[n % len(x)]
         spent = 0.0
         start = time.perf_counter()
-        carried = [np.full((1, s["size"]), s.get("zero_point", 0), np.int8 if s.get("scale") else np.float32)
-                   for s in states]
+        carried = [np.full((1, s["size"]), s.get("zero_point", 0), s["dtype"]) for s in states]
         for t in range(seq.shape[0]):
             for k, value in enumerate(carried):
                 set_input(1 + k, value)
             v = seq[t:t + 1]
-            set_input(0, runtimes.quantize(v, (in_q["scale"], in_q["zero_point"]), np.int8)
+            set_input(0, runtimes.quantize(v, (in_q["scale"], in_q["zero_point"]), np.dtype(in_q["dtype"]))
                       if in_q.get("scale") else v)
             t0 = time.perf_counter()
             invoke()
@@ -700,8 +704,11 @@ def sequence_header(meta, stem, model_symbol=None):
     macro = f"G_{ident.upper()}"
     fn = f"{ident}_run_sequence"
     states = meta["states"]
-    int8 = bool(meta["input"].get("scale"))
-    ctype = "int8_t" if int8 else "float"
+    int8 = bool(meta["input"].get("scale"))  # quantized (int8, or int16 activations)
+    wide = meta["input"].get("dtype") == "int16"
+    ctype = ("int16_t" if wide else "int8_t") if int8 else "float"
+    field = ("i16" if wide else "int8") if int8 else "f"
+    low, high = (-32768, 32767) if wide else (-128, 127)
     lines = [
         f"// Generated by tf_sparsity.export: run the one-step model g_{ident}_model_data over a",
         "// whole sequence on tflite-micro, carrying the recurrent state between invokes.",
@@ -742,7 +749,7 @@ def sequence_header(meta, stem, model_symbol=None):
                   f"#define {macro}_OUTPUT_ZERO_POINT {meta['output']['zero_point']}"]
     for k, s in enumerate(states):
         lines.append(f"// state {k}: layer '{s['layer']}' state {s['index']}, {s['size']} values"
-                     + (f", int8 scale {s['scale']!r}, zero point {s['zero_point']}" if int8 else ", float32"))
+                     + (f", {s['dtype']} scale {s['scale']!r}, zero point {s['zero_point']}" if int8 else ", float32"))
     sizes = ", ".join(str(s["size"]) for s in states)
     zeros = ", ".join(str(s.get("zero_point", 0)) for s in states)
     lines += [
@@ -751,13 +758,13 @@ def sequence_header(meta, stem, model_symbol=None):
         "",
         "// Runs `steps` time steps of `x` (float, row-major [steps][features]) from the zero",
         "// state and copies the head's output after the last step to `output`",
-        f"// ({'int8' if int8 else 'float'}; size of output tensor 0). Returns kTfLiteError if an invoke fails.",
+        f"// ({ctype}; size of output tensor 0). Returns kTfLiteError if an invoke fails.",
         f"inline TfLiteStatus {fn}(tflite::MicroInterpreter& interpreter, const float* x, int steps,",
         f"                              {ctype}* output) {{",
         f"  for (int s = 0; s < {macro}_NUM_STATES; ++s) {{",
         "    TfLiteTensor* state = interpreter.input(1 + s);",
-        f"    for (int i = 0; i < {ident}_state_sizes[s]; ++i) state->data.{'int8' if int8 else 'f'}[i] = "
-        f"{'(int8_t)' + ident + '_state_zero_points[s]' if int8 else '0.0f'};",
+        f"    for (int i = 0; i < {ident}_state_sizes[s]; ++i) state->data.{field}[i] = "
+        f"{'(' + ctype + ')' + ident + '_state_zero_points[s]' if int8 else '0.0f'};",
         "  }",
         "  for (int t = 0; t < steps; ++t) {",
         "    TfLiteTensor* in = interpreter.input(0);",
@@ -767,7 +774,7 @@ def sequence_header(meta, stem, model_symbol=None):
     if int8:
         lines += [
             f"      long q = lroundf(v / {macro}_INPUT_SCALE) + {macro}_INPUT_ZERO_POINT;",
-            "      in->data.int8[f] = (int8_t)(q < -128 ? -128 : (q > 127 ? 127 : q));",
+            f"      in->data.{field}[f] = ({ctype})(q < {low} ? {low} : (q > {high} ? {high} : q));",
         ]
     else:
         lines.append("      in->data.f[f] = v;")
@@ -858,8 +865,14 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     if quantize == "int8":
         _, recorded = _rollout(step, plan, sequences[:calibration_steps], record=True)
         calibration = _calibration_steps(recorded, _MAX_CALIBRATION_STEPS)
-    tflite = _convert_step_model(prepared, plan, quantize, calibration, per_channel=_PER_CHANNEL)
-    tflite, meta = _finish_step_model(tflite, plan, quantize)
+    tflite, meta = _finish_step_model(
+        _convert_step_model(prepared, plan, quantize, calibration, per_channel=_PER_CHANNEL), plan, quantize)
+    choice = None
+    if quantize == "int8":
+        tflite, meta, choice = _choose_state_dtype(prepared, plan, calibration, sequences, tflite, meta, target,
+                                                   model)
+        if choice["chosen"] == "int16":
+            report.notes.append("int16 activations and states (16x8: int8 weights): " + choice["reason"])
     info = inspect(tflite)
     meta["op_names"] = sorted(info.op_counts)
     verdict = info.verdict(target)
@@ -871,7 +884,8 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     elif not verdict.ok:
         conversion._raise_unsupported(verdict, target)
     report.warnings += [w for w in verdict.warnings if target != "edgetpu" or "maps ops only" not in w]
-    rec = {"form": "step", "reason": reason, "steps": plan.steps, "features": plan.features,
+    rec = {"form": "step", "reason": reason, "state_dtype": meta["states"][0]["dtype"] if meta["states"] else None,
+           "state_dtype_choice": choice, "steps": plan.steps, "features": plan.features,
            "states": meta["states"], "sequence_output": plan.sequence_output,
            "layers": [l.name for l in plan.chain]}
     report.recurrent = rec
@@ -916,6 +930,60 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
             c_paths = tuple(c_paths) + (header,)
     return RecurrentExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
                                  c_files=tuple(c_paths))
+
+
+# int8 states are kept when the int8 step model agrees with Keras on this share of the
+# calibration sequences' predictions (classifiers) or within this fraction of the output
+# scale (other heads); otherwise int16 activations and states (16x8) are tried.
+_INT8_AGREEMENT, _INT8_RELATIVE_ERROR, _CHOICE_SEQUENCES = 0.98, 0.05, 64
+
+
+def _score(tflite, meta, check, want):
+    got = run_sequence(tflite, check, runtime="reference", raw=True)
+    result = _agreement(got, want, meta)
+    if "argmax_agreement" in result:
+        result["ok"] = result["argmax_agreement"] >= _INT8_AGREEMENT
+        result["score"] = result["argmax_agreement"]
+    else:
+        relative = result["max_abs_diff"] / max(result["output_scale"], 1e-6)
+        result["ok"], result["score"] = relative <= _INT8_RELATIVE_ERROR, -relative
+    return result
+
+
+def _choose_state_dtype(prepared, plan, calibration, sequences, tflite, meta, target, model):
+    """int8 states, or int16 (16x8) where int8 loses predictions: measured on the calibration sequences.
+
+    Run on LiteRT's reference kernels (the kernels tflite-micro ports). The
+    EdgeTPU runs int8 only, so it keeps int8 (with a warning in the report
+    when it loses predictions).
+    """
+    check = sequences[:_CHOICE_SEQUENCES]
+    want = _keras_sequences(model, check)
+    int8 = _score(tflite, meta, check, want)
+    measured = {"int8": {k: v for k, v in int8.items() if k != "ok"}, "sequences": len(check)}
+    if int8["ok"]:
+        return tflite, meta, {"chosen": "int8", "reason": "int8 keeps the predictions", "measured": measured}
+    if target == "edgetpu":
+        return tflite, meta, {"chosen": "int8", "measured": measured,
+                              "reason": "the EdgeTPU runs int8 only (int8 states lose predictions here)"}
+    from tf_sparsity.export.inspection import inspect
+
+    try:
+        wide, wide_meta = _finish_step_model(_convert_step_model(
+            prepared, plan, "int8", calibration, per_channel=_PER_CHANNEL, activations="int16"), plan, "int8")
+        if not inspect(wide).verdict(target).ok:
+            raise ExportError("ops without int16 kernels on " + target)
+        int16 = _score(wide, wide_meta, check, want)
+    except (ExportError, VerificationError) as error:
+        measured["int16"] = {"error": str(error)[:300]}
+        return tflite, meta, {"chosen": "int8", "measured": measured, "reason": f"int16 not possible: {error}"[:300]}
+    measured["int16"] = {k: v for k, v in int16.items() if k != "ok"}
+    if int16["score"] > int8["score"]:
+        what = (f"int8 states agree with Keras on {int8['score']:.1%} of {len(check)} calibration sequences, "
+                f"int16 on {int16['score']:.1%}" if "argmax_agreement" in int8 else
+                "int8 states leave a larger output error than int16")
+        return wide, wide_meta, {"chosen": "int16", "reason": what, "measured": measured}
+    return tflite, meta, {"chosen": "int8", "reason": "int16 was not better", "measured": measured}
 
 
 def _sequences(model, plan, input_shape, data, calibration_steps, verify_samples):
@@ -982,29 +1050,31 @@ def _agreement(raw, expected, meta):
 
 def _state_effect(step, plan, samples, meta, expected):
     """What int8 states alone cost: the float step model with its states rounded to the int8 grid."""
-    params = [(s["scale"], s["zero_point"]) for s in meta["states"]]
+    params = [(s["scale"], s["zero_point"], s["dtype"]) for s in meta["states"]]
     rounded, _ = _rollout(step, plan, samples, state_params=params)
     exact, _ = _rollout(step, plan, samples)
     diff = float(np.max(np.abs(rounded - exact)))
-    entry = {"dtype": "int8", "states": [{"layer": s["layer"], "index": s["index"], "scale": s["scale"],
-                                           "zero_point": s["zero_point"],
-                                           "range": [(-128 - s["zero_point"]) * s["scale"],
-                                                     (127 - s["zero_point"]) * s["scale"]]}
-                                          for s in meta["states"]],
+    info = lambda s: np.iinfo(np.dtype(s["dtype"]))  # noqa: E731
+    entry = {"dtype": meta["states"][0]["dtype"] if meta["states"] else "int8",
+             "states": [{"layer": s["layer"], "index": s["index"], "scale": s["scale"],
+                         "zero_point": s["zero_point"],
+                         "range": [(info(s).min - s["zero_point"]) * s["scale"],
+                                   (info(s).max - s["zero_point"]) * s["scale"]]}
+                        for s in meta["states"]],
              "float_step_vs_keras_max_abs_diff": float(np.max(np.abs(exact - np.asarray(expected).reshape(exact.shape)))),
-             "int8_states_only_max_abs_diff": diff, "samples": len(samples)}
+             "quantized_states_only_max_abs_diff": diff, "samples": len(samples)}
     if exact.shape[-1] > 1:
-        entry["int8_states_only_argmax_agreement"] = float(np.mean(np.argmax(rounded, -1) == np.argmax(exact, -1)))
+        entry["quantized_states_only_argmax_agreement"] = float(np.mean(np.argmax(rounded, -1) == np.argmax(exact, -1)))
     return entry
 
 
 def _verify_tflm_step(tflite, samples, expected, meta, compress, report, litert):
     from tf_sparsity.export import conversion
 
-    first = [runtimes.quantize(samples[0, :1], (meta["input"]["scale"], meta["input"]["zero_point"]), np.int8)
-             if meta["input"].get("scale") else samples[0, :1]]
-    first += [np.full((1, s["size"]), s.get("zero_point", 0), np.int8 if s.get("scale") else np.float32)
-              for s in meta["states"]]
+    q = meta["input"]
+    first = [runtimes.quantize(samples[0, :1], (q["scale"], q["zero_point"]), np.dtype(q["dtype"]))
+             if q.get("scale") else samples[0, :1]]
+    first += [np.full((1, s["size"]), s.get("zero_point", 0), s["dtype"]) for s in meta["states"]]
     arena = conversion._tflm_checked(runtimes.tflm_arena_bytes, tflite, first)
     micro = run_sequence(tflite, samples, runtime="tflm", raw=True)
     reference = run_sequence(tflite, samples, runtime="reference", raw=True)
@@ -1020,7 +1090,8 @@ def _verify_tflm_step(tflite, samples, expected, meta, compress, report, litert)
                                                   "tflm_vs_litert_reference_max_steps": float(vs_ref.max()),
                                                   "tflm_identical_to_reference": float(np.mean(
                                                       vs_ref.reshape(len(vs_ref), -1).max(1) == 0))}
-    if vs_ref.max() > 1:
+    one_step = 1 if meta["output"].get("dtype") != "int16" else 256  # int16 steps are 256x finer
+    if vs_ref.max() > one_step:
         report.warnings.append(f"tflite-micro differs from LiteRT's reference kernels by {vs_ref.max():g} "
                                "quantization steps after the whole sequence (single-op rounding differences "
                                "compound through the carried state)")

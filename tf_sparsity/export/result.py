@@ -84,12 +84,15 @@ class ExportReport:
                              f"~{c['bytes'] - c['estimated_bytes']:,} bytes saved")
         if self.recurrent:
             lines.append("  recurrent: " + _kv({k: v for k, v in self.recurrent.items()
-                                                 if k not in ("states", "layers", "reason", "state_quantization",
+                                                 if k not in ("states", "layers", "state_quantization", "state_dtype_choice",
                                                               "per_sequence_agreement")}))
             for s in self.recurrent.get("states", []):
-                q = f", int8 scale {s['scale']:.4g} zero point {s['zero_point']}" if "scale" in s else ""
+                q = f", scale {s['scale']:.4g} zero point {s['zero_point']}" if "scale" in s else ""
                 lines.append(f"    state {s['input']}: layer '{s['layer']}' [{s['index']}], {s['size']} values, "
                              f"{s['dtype']}{q}")
+            if self.recurrent.get("state_dtype_choice"):
+                lines.append(f"    state dtype: {self.recurrent['state_dtype_choice']['chosen']} "
+                             f"({self.recurrent['state_dtype_choice']['reason']})")
             if self.recurrent.get("state_quantization"):
                 lines.append("    state quantization: " + _kv({k: v for k, v in self.recurrent["state_quantization"].items()
                                                                if k != "states"}))
