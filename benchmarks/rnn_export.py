@@ -93,13 +93,18 @@ def measure(model, form, data, a):
     row["edgetpu"] = "pass" if verdict.first_fallback is None and verdict.ok else (
         f"fails at {verdict.first_fallback}" if verdict.first_fallback is not None else "fails")
     n = len(x_test) if a.test_samples is None else a.test_samples
-    if form == "step":
+    if form in ("step", "fused"):  # fused: variable state tensors reset before each sequence
         out = result.run_sequence(x_test[:n], runtime="tflm")
         row["tflm_int8_accuracy"] = float(np.mean(np.argmax(out, -1) == y_test[:n]))
+        row["state_dtype"] = result.report.recurrent.get("state_dtype")
+    if form == "fused":
+        row["invoke_us_per_sequence"] = runtimes.time_tflm(result.tflite, runs=a.timing_sequences) * 1e6
+    elif form == "step":
         timing = result.time_sequence(x_test[:a.timing_sequences], runtime="tflm")
         row["invoke_us_per_sequence"] = timing["invoke"] * 1e6
         row["python_loop_us_per_sequence"] = timing["loop"] * 1e6
         row["state_quantization"] = result.report.recurrent.get("state_quantization")
+        row["state_dtype_choice"] = result.report.recurrent.get("state_dtype_choice")
     else:
         row["tflm_int8_accuracy"] = tflm_accuracy_unrolled(result.tflite, x_test[:n], y_test[:n])
         row["invoke_us_per_sequence"] = runtimes.time_tflm(result.tflite, runs=a.timing_sequences) * 1e6

@@ -613,6 +613,8 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
     True
     """
     meta = metadata(tflite)
+    if meta is not None and meta.get("form") == "fused":
+        return _run_fused(tflite, x, runtime, meta, raw, arena_size)
     if meta is None or meta.get("form") != "step":
         raise ValueError("`tflite` is not a step model written by tf_sparsity (no recurrent metadata); export "
                          "it with tfs.export.convert(..., recurrent='step').")
@@ -659,6 +661,41 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
     return runtimes.dequantize(out, (out_q["scale"], out_q["zero_point"]))
 
 
+def _run_fused(tflite, x, runtime, meta, raw, arena_size):
+    """Whole sequences through a fused-LSTM model, its variable state tensors reset before each one.
+
+    UNIDIRECTIONAL_SEQUENCE_LSTM keeps its state in *variable* tensors that
+    persist across invokes (measured: without a reset the second sequence
+    continues from the first one's state). Firmware: `interpreter.Reset()`
+    before each independent sequence (or not, to stream).
+    """
+    x = np.asarray(x, np.float32)
+    if x.ndim == 2:
+        x = x[None]
+    with runtimes.captured_stderr():
+        if runtime == "tflm":
+            interpreter = runtimes.tflm_interpreter(tflite, arena_size or runtimes.generous_arena(tflite))
+            reset, put = interpreter.reset, lambda a: interpreter.set_input(a, 0)
+            invoke, get = interpreter.invoke, lambda: np.array(interpreter.get_output(0))
+        else:
+            interpreter = runtimes.litert_interpreter(tflite, reference=runtime == "reference")
+            i, o = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+            reset, put = interpreter.reset_all_variables, lambda a: interpreter.set_tensor(i["index"], a)
+            invoke, get = interpreter.invoke, lambda: interpreter.get_tensor(o["index"]).copy()
+        q_in, q_out = meta["input"], meta["output"]
+        outs = []
+        for seq in x:
+            reset()
+            put(runtimes.quantize(seq[None], (q_in["scale"], q_in["zero_point"]), np.dtype(q_in["dtype"]))
+                if q_in.get("scale") else seq[None])
+            invoke()
+            outs.append(get()[0])
+    out = np.stack(outs)
+    if raw or not q_out.get("scale"):
+        return out
+    return runtimes.dequantize(out, (q_out["scale"], q_out["zero_point"]))
+
+
 def time_sequence(tflite, x, runtime="tflm", repeats=None):
     """Seconds per sequence on `runtime`: {"invoke": median of the summed invoke() times,
     "loop": median wall time of the whole Python loop (invokes + state copies + I/O)}.
@@ -667,6 +704,9 @@ def time_sequence(tflite, x, runtime="tflm", repeats=None):
     Python loop's I/O costs much more than that on a host.
     """
     meta = metadata(tflite)
+    if meta.get("form") == "fused":  # one invoke per sequence
+        return {"invoke": runtimes.time_tflm(tflite) if runtime == "tflm" else runtimes.time_litert(tflite),
+                "loop": None, "sequences": None}
     set_input, invoke, get_output = _session(tflite, runtime)
     states = meta["states"]
     in_q = meta["input"]
@@ -1237,6 +1277,8 @@ def convert_fused(model, spec, quantize, representative_data, path, verify, *, i
         with open(out, "rb") as f:
             tflite = f.read()
     info = inspect(tflite)
+    tflite = _with_fused_metadata(tflite, info, input_specs[0]["shape"])
+    info = inspect(tflite)
     if not info.op_counts.get("UNIDIRECTIONAL_SEQUENCE_LSTM"):
         raise ExportError(f"recurrent='fused': the converter did not fuse the LSTM (ops: {dict(info.op_counts)}).")
     verdict = info.verdict(target)
@@ -1246,15 +1288,31 @@ def convert_fused(model, spec, quantize, representative_data, path, verify, *, i
         conversion._raise_unsupported(verdict, target)
     report.recurrent = {"form": "fused", "reason": reason, "baseline_python": python}
     report.notes.append("LSTM rebuilt with tf_keras in a child process and converted to the fused "
-                        "UNIDIRECTIONAL_SEQUENCE_LSTM op (weights stored once)")
+                        "UNIDIRECTIONAL_SEQUENCE_LSTM op (weights stored once). Its state lives in variable "
+                        "tensors that persist across invokes: reset the interpreter before each independent "
+                        "sequence (result.run_sequence does)")
     if verify:
-        checks = samples[:verify_samples] or conversion._random_samples(input_specs, verify_samples)
-        expected = conversion._keras_outputs(model, checks)
-        report.verification = conversion._verify_litert(tflite, checks, expected, quantize)
+        meta = metadata(tflite)
+        checks = (np.concatenate([s[0] for s in samples[:verify_samples]]) if samples else
+                  np.random.default_rng(0).normal(size=(verify_samples, *input_specs[0]["shape"][1:])).astype("float32"))
+        expected = np.asarray(model(checks, training=False))
+        report.verification = {"runtime": "ai_edge_litert (default XNNPack delegate), state reset per sequence",
+                               **_agreement(_run_fused(tflite, checks, "litert", meta, True, None), expected, meta)}
         conversion._warn_on_mismatch(report)
         if target == "tflm":
-            tflite = conversion._verify_tflm(tflite, checks, expected, compress, report)
-            info = inspect(tflite)
+            micro = _run_fused(tflite, checks, "tflm", meta, True, None)
+            ref = _run_fused(tflite, checks, "reference", meta, True, None)
+            vs_keras = _agreement(micro, expected, meta)
+            arena = conversion._tflm_checked(runtimes.tflm_arena_bytes, tflite, [
+                runtimes.quantize(checks[:1], (meta["input"]["scale"], meta["input"]["zero_point"]), np.int8)
+                if meta["input"].get("scale") else checks[:1]])
+            report.tflm = {"runtime": "tflite-micro Python interpreter, reset per sequence", "arena_bytes": arena,
+                           "max_diff_vs_reference_steps": float(np.max(np.abs(micro.astype(np.int64)
+                                                                               - ref.astype(np.int64)))),
+                           "samples": len(checks),
+                           "max_error_vs_keras_steps": vs_keras.get("max_error_steps", vs_keras["max_abs_diff"])}
+            if "argmax_agreement" in vs_keras:
+                report.tflm["argmax_agreement_vs_keras"] = vs_keras["argmax_agreement"]
     conversion._fill_report(report, info)
     report.recurrent.update(file_bytes=len(tflite), arena_bytes=report.tflm.get("arena_bytes"))
     written, c_paths = None, ()
@@ -1263,5 +1321,20 @@ def convert_fused(model, spec, quantize, representative_data, path, verify, *, i
         written = atomic_write(path, tflite)
         if c_files if c_files is not None else target == "tflm":
             c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
-    return ExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
-                        c_files=tuple(c_paths))
+    return RecurrentExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
+                                 c_files=tuple(c_paths))
+
+
+def _with_fused_metadata(tflite, info, shape):
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from tf_sparsity.export import flatbuffer
+
+    model = flatbuffer.read(tflite)
+    x, y = info.inputs[0], info.outputs[0]
+    io = lambda t: {"dtype": t.dtype, **({"scale": t.quantization["scale"], "zero_point": t.quantization["zero_point"]}  # noqa: E731
+                                         if t.quantization and t.quantization.get("scale") else {})}
+    meta = {"form": "fused", "steps": shape[1], "features": shape[2], "state_in_variable_tensors": True,
+            "input": io(x), "output": io(y)}
+    _add_metadata(model, schema, meta)
+    return flatbuffer.write(model)
