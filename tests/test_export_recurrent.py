@@ -60,14 +60,16 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
     assert len(info.inputs) == len(info.outputs) == 1 + n_states
     for k in range(1, 1 + n_states):  # carrying a state is a memcpy
         assert info.inputs[k].quantization == info.outputs[k].quantization
-        assert info.inputs[k].dtype == "int8"
+        # int8, or int16 where the exporter measured int8 states losing predictions
+        assert info.inputs[k].dtype == rec["state_dtype"] == rec["state_dtype_choice"]["chosen"]
+        assert info.inputs[k].dtype in ("int8", "int16")
     # The result runs whole sequences on tflite-micro; int8 stays close to Keras.
     got = result.run_sequence(x[:8])
     want = np.asarray(model(x[:8]))
     assert got.shape == want.shape
     assert np.max(np.abs(got - want)) < 0.1 * max(1.0, np.max(np.abs(want)))
     assert result.report.tflm["arena_bytes"] < 16 * 1024
-    assert "state_quantization" in rec and rec["state_quantization"]["dtype"] == "int8"
+    assert rec["state_quantization"]["dtype"] == rec["state_dtype"]
     assert rec["per_sequence_agreement"]["tflm_vs_litert_reference_max_steps"] <= 4
     # C files: model array + the documented C++ loop over time steps.
     cc, h, loop = (pathlib.Path(p) for p in result.c_files)
@@ -75,6 +77,28 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
     assert loop.name == "rnn_sequence.h" and "Invoke()" in text and "memmove" in text
     assert f"#define G_RNN_STEPS {STEPS}" in text and f"G_RNN_NUM_STATES {n_states}" in text
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
+    score = recurrent._score
+
+    def int8_loses(tflite, meta, check, want):  # pretend int8 states lose half the predictions
+        result = score(tflite, meta, check, want)
+        if meta["input"]["dtype"] == "int8":
+            result.update(ok=False, score=0.5)
+        return result
+
+    monkeypatch.setattr(recurrent, "_score", int8_loses)
+    model = chain(keras.layers.LSTM(8), keras.layers.Dense(3))
+    x = seqs()
+    result = tfs.export.convert(model, target="tflm", representative_data=x)
+    choice = result.report.recurrent["state_dtype_choice"]
+    assert choice["chosen"] == "int16" and "int16" in choice["measured"]
+    assert [t.dtype for t in result.inspect().inputs] == ["int16", "int16", "int16"]
+    got, want = result.run_sequence(x[:4]), np.asarray(model(x[:4]))
+    assert np.max(np.abs(got - want)) < 0.02 * max(1.0, np.max(np.abs(want)))
+    edgetpu = tfs.export.convert(model, target="edgetpu", representative_data=x, verify=False)
+    assert edgetpu.report.recurrent["state_dtype"] == "int8"  # the EdgeTPU runs int8 only
 
 
 def test_step_file_does_not_grow_with_the_sequence():
