@@ -226,6 +226,7 @@ def test_docstring_examples():
     assert failures == 0
 
 
+@pytest.mark.slow
 def test_cli_prune_lowrank_makes_a_low_rank_rnn(tmp_path):
     from tf_sparsity import cli
 
