@@ -366,7 +366,7 @@ def test_export_convert_uses_the_conv_form_for_tflm():
     model = model_with(layer, steps=16, features=1)
     prune_some(layer)
     x = sequences(40, steps=16, features=1, seed=5)
-    result = tfs.export.convert(model, target="tflm", representative_data=x)
+    result = tfs.export.convert(model, target="tflm", representative_data=x, recurrent="unroll")
     ops = result.report.ops
     assert "WHILE" not in ops and ops.get("CONV_2D", 0) > 0 and ops.get("FULLY_CONNECTED", 0) == 1
     assert result.report.tflm["max_diff_vs_reference_steps"] <= 1

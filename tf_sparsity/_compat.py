@@ -17,7 +17,7 @@ from keras.src.saving import serialization_lib as _serialization_lib
 __all__ = [
     "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
-    "all_reduce_sum_gradients", "symbolic_build",
+    "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -88,3 +88,10 @@ def symbolic_build(model, data_batch):
     as `fit` does before tracing its step (`Trainer._symbolic_build`; no public
     equivalent). Keras 3.15. Used by `tfs.distribute.fit`."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def per_tensor_int8_dense_weights(converter):
+    """Ask a `TFLiteConverter` for per-tensor int8 FULLY_CONNECTED weights (one
+    multiplier per op, not per channel): a private converter attribute, TF 2.21.
+    Used by the recurrent step form."""
+    converter._experimental_disable_per_channel_quantization_for_dense_layers = True

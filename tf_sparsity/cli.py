@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-PRUNE_METHODS = ("str", "gsm", "synflow", "snip", "grasp", "magnitude", "random", "greedy", "l1")
+PRUNE_METHODS = ("str", "gsm", "synflow", "snip", "grasp", "magnitude", "random", "greedy", "l1", "lowrank")
 
 
 def _parser():
@@ -25,7 +25,9 @@ def _parser():
     prune.add_argument("--method", required=True, choices=PRUNE_METHODS,
                        help="str: learned thresholds (trains); gsm: global sparse momentum (trains); "
                             "synflow/snip/grasp/magnitude/random: prune at init, then train; "
-                            "greedy / l1: remove channels (optional imitation fine-tune)")
+                            "greedy / l1: remove channels (optional imitation fine-tune); "
+                            "lowrank: GRU/LSTM layers become low-rank STR layers steered to rank "
+                            "(1 - sparsity) x max rank (trains with Adam)")
     prune.add_argument("--data", required=True,
                        help=".npz with arrays x and y (optionally x_test, y_test for the final accuracy)")
     prune.add_argument("--output", "-o", required=True, help="output .keras path")
@@ -136,6 +138,14 @@ def _prune(args):
             model = tfs.pruning.l1_norm_prune(model, flops=args.flops, data=train[0],
                                               finetune_steps=args.finetune_steps)
         args.epochs = 0
+    elif args.method == "lowrank":
+        from tf_sparsity.pruning.low_rank import low_rank_rnns
+
+        model = low_rank_rnns(model)
+        steps = max(1, args.epochs * int(np.ceil(len(train[0]) / args.batch_size)))
+        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(args.learning_rate or tfs.recipes.LOW_RANK_LEARNING_RATE, steps),
+                                          clipnorm=1.0)
+        callbacks = [tfs.callbacks.TargetSparsity(**given, end_fraction=0.5)]
     else:
         model = tfs.prune_at_init(model, args.method, **given, data=(train[0][:256], train[1][:256]),
                                   loss=loss, verbose=verbose)

@@ -148,6 +148,8 @@ def _export_all(model, label, x, out):
                           path=str(out / f"{stem}_tflm_int8.tflite"))
     row["tflm_bytes"] = tflm.report.size_bytes
     row["tflm_arena_bytes"] = tflm.report.tflm.get("arena_bytes")
+    # Recurrent models go to TFLM as one time step (recurrent="auto"), the state carried by the caller.
+    row["tflm_form"] = tflm.report.recurrent.get("form")
     edgetpu = export.convert(model, target="edgetpu", quantize="int8", representative_data=x[:200])
     verdict = edgetpu.report.preflight
     row["edgetpu_ok"] = bool(verdict is not None and not verdict.problems)
@@ -163,6 +165,7 @@ def _table(results):
         lines.append(
             f"| {r['method']} | {target} | {r['accuracy'] * 100:.2f}% | {r['sparsity'] * 100:.1f}%{r['rank']} | "
             f"{r['nonzeros']:,} / {r['prunable']:,} | {r['effective_flops']:,} / {r['flops']:,} | "
-            f"{r['litert_bytes']:,} | {r['litert_us']:.1f} | {r['tflm_bytes']:,} | "
+            f"{r['litert_bytes']:,} | {r['litert_us']:.1f} | {r['tflm_bytes']:,}"
+            f"{' (' + r['tflm_form'] + ')' if r.get('tflm_form') else ''} | "
             f"{r['tflm_arena_bytes'] or '-':,} | {'pass' if r['edgetpu_ok'] else 'fails'} |")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from tf_sparsity.export import flatbuffer, runtimes
 from tf_sparsity.export.inspection import inspect
 from tf_sparsity.export.errors import ExportError, UnsupportedOpError
 
-__all__ = ["has_sparse_kernels", "run_converter", "settle_sparsity"]
+__all__ = ["has_sparse_kernels", "raise_converter_error", "run_converter", "settle_sparsity"]
 
 # A kernel this sparse is worth offering to the converter's sparsity pass
 # (it encodes nothing below ~30% zeros anyway).
@@ -72,14 +72,14 @@ def run_converter(model, specs, quantize, calibration, sparse):
             return bytes(converter.convert())
         except Exception as error:  # ConverterError and friends: translate below
             failure = error
-    _raise_converter_error(failure, (log[0] if log else ""))
+    raise_converter_error(failure, (log[0] if log else ""))
 
 
 _FLEX = re.compile(r"TF Select ops: ([^\n]+)")
 _NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 
 
-def _raise_converter_error(error, log):
+def raise_converter_error(error, log):
     text = f"{error}\n{log}"
     ops = []
     match = _FLEX.search(text)

@@ -7,7 +7,7 @@ per-input lists of arrays for calibration and verification.
 
 import numpy as np
 
-__all__ = ["input_specs", "random_samples", "samples"]
+__all__ = ["given_shapes", "input_specs", "random_samples", "samples"]
 
 
 def input_specs(model, batch_size, input_shape, data, spec):
@@ -15,7 +15,7 @@ def input_specs(model, batch_size, input_shape, data, spec):
     inputs = getattr(model, "inputs", None)
     if not inputs:
         raise ValueError("`model` has no known inputs (a subclassed model?); build it with keras.Input.")
-    shapes = _given_shapes(input_shape, len(inputs))
+    shapes = given_shapes(input_shape, len(inputs))
     first = _first_sample(data, [getattr(x, "name", None) or f"input_{i}" for i, x in enumerate(inputs)])
     specs = []
     for i, x in enumerate(inputs):
@@ -43,7 +43,7 @@ def input_specs(model, batch_size, input_shape, data, spec):
     return specs
 
 
-def _given_shapes(input_shape, n):
+def given_shapes(input_shape, n):
     if input_shape is None:
         return None
     if n == 1 and all(isinstance(d, int) or d is None for d in input_shape):

@@ -271,6 +271,13 @@ class ModelInfo:
         return [t for t in self.tensors if t.sparsity is not None]
 
     @property
+    def recurrent(self):
+        """The recurrent export form ("step", "loop", "fused"; dict) or None (see export/recurrent.py)."""
+        from tf_sparsity.export import recurrent
+
+        return recurrent.describe(self)
+
+    @property
     def parameter_bytes(self):
         """Bytes of all constant tensors (weights, biases, shape constants)."""
         return sum(t.bytes for t in self.tensors if t.constant)
@@ -294,7 +301,7 @@ class ModelInfo:
             "inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs],
             "tensors": [t.to_dict() for t in self.tensors],
             "sparse_tensors": [t.name for t in self.sparse_tensors],
-            "parameter_bytes": self.parameter_bytes,
+            "parameter_bytes": self.parameter_bytes, "recurrent": self.recurrent,
             "verdicts": {k: v.to_dict() for k, v in self.verdicts.items()},
         }
 
@@ -306,6 +313,13 @@ class ModelInfo:
             for t in tensors:
                 lines.append(f"  {label:6} {t.name}: {t.dtype}{list(t.shape_signature)}{_quant_text(t)}")
         lines.append("  ops: " + ", ".join(f"{n} x{c}" for n, c in self.op_counts.most_common()))
+        form = self.recurrent
+        if form:
+            states = form.get("states", [])
+            lines.append(f"  recurrent form: {form['form']}" + (
+                f" (one time step of {form.get('steps')}; {len(states)} state(s) carried: "
+                + ", ".join(f"input {s['input']} -> output {s['output']}" for s in states) + ")"
+                if form["form"] == "step" else ""))
         if self.sparse_tensors:
             lines.append("  sparse tensors:")
             for t in self.sparse_tensors:

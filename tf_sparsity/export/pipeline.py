@@ -10,6 +10,7 @@ its own module; the target name is resolved once and the `Target` passed on.
 import os
 
 from tf_sparsity.export import lut, runtimes, targets
+from tf_sparsity.export import recurrent as recurrent_forms
 from tf_sparsity.export.atomic import atomic_write
 from tf_sparsity.export.c_array import write_c_array
 from tf_sparsity.export.converter import has_sparse_kernels, run_converter, settle_sparsity
@@ -17,7 +18,7 @@ from tf_sparsity.export.errors import VerificationError
 from tf_sparsity.export.inputs import input_specs, random_samples, samples
 from tf_sparsity.export.inspection import inspect
 from tf_sparsity.export.prepare import check_model, check_quantize, prepare
-from tf_sparsity.export.result import ExportReport, ExportResult
+from tf_sparsity.export.result import ExportReport, ExportResult, fill_report
 from tf_sparsity.export.verify import (
     keras_outputs,
     raise_unsupported,
@@ -34,7 +35,7 @@ COMPRESS_MODES = (None, "lut")
 
 def convert(model, target="litert", quantize=None, representative_data=None, sparse="auto", path=None,
             verify=True, *, batch_size=1, input_shape=None, compress=None, c_files=None,
-            calibration_steps=100, verify_samples=16):
+            calibration_steps=100, verify_samples=16, recurrent="auto"):
     """Convert a Keras 3 model to a .tflite model for `target`, verified on its runtime.
 
     Args:
@@ -72,6 +73,15 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
             `compression` for candidates and bytes saved).
         c_files: write the C array pair (default: True for tflm when `path`
             is given).
+        recurrent: how recurrent layers are exported (docs/export.md,
+            `tf_sparsity.export.recurrent`): "step" (one time step, the state
+            an input and an output: weights once, size independent of the
+            sequence; `result.run_sequence(x)`; for tflm also
+            `<stem>_sequence.h`, the C++ loop), "loop" (float WHILE graph),
+            "fused" (LSTM as UNIDIRECTIONAL_SEQUENCE_LSTM), "unroll" (plain
+            ops over a static length) or "auto": step for tflm/edgetpu (unroll
+            where step is impossible), loop for float and unroll for int8 on
+            litert.
 
     Returns:
         `ExportResult` with `.tflite`, `.path`, `.report`.
@@ -98,7 +108,15 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
     spec = targets.get_target(target)  # names are resolved here, once; inner stages get `spec`
     quantize = _check_options(model, spec, quantize, sparse, compress, batch_size, path)
     report = ExportReport(target=spec.name, quantize=quantize, sparse=sparse)
-    prepared = prepare(model, unroll=(quantize == "int8"), notes=report.notes)
+    form, reason = recurrent_forms.resolve(model, spec.name, quantize, recurrent)
+    if form in ("step", "fused"):  # their own stages: one time step, or a tf_keras rebuild
+        return recurrent_forms.convert_form(
+            form, model, spec, quantize, representative_data, path, verify, reason=reason, report=report,
+            input_shape=input_shape, c_files=c_files, compress=compress, calibration_steps=calibration_steps,
+            verify_samples=verify_samples, batch_size=batch_size)
+    if form is not None:
+        report.recurrent = {"form": form, "reason": reason}
+    prepared = prepare(model, unroll=(form == "unroll"), notes=report.notes)
     specs = input_specs(prepared, batch_size, input_shape, representative_data, spec)
     data = samples(representative_data, specs, limit=max(calibration_steps, verify_samples))
     _require_calibration(quantize, data, specs, spec)
@@ -118,7 +136,9 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
     compiled = _edgetpu_compiled(tflite, spec, report)
     if spec.name == "tflm" and "candidates" not in report.compression:
         report.compression.update(lut.lut_candidates(tflite))
-    _fill_report(report, info)
+    fill_report(report, info)
+    if form is not None:
+        report.recurrent.update(file_bytes=len(tflite), arena_bytes=report.tflm.get("arena_bytes"))
     written, c_paths = _write(tflite, compiled, path, c_files, spec, report)
     return ExportResult(tflite=tflite, path=written, target=spec.name, quantize=quantize, report=report,
                         c_files=tuple(c_paths), compiled=compiled)
@@ -239,17 +259,3 @@ def _write(tflite, compiled, path, c_files, spec, report):
     if c_files if c_files is not None else spec.name == "tflm":
         c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
     return written, c_paths
-
-
-def _fill_report(report, info):
-    report.size_bytes = info.size
-    report.ops = dict(info.op_counts)
-    io = lambda t: {"name": t.name, "shape": list(t.shape_signature), "dtype": t.dtype,  # noqa: E731
-                    "quantization": t.quantization}
-    report.inputs = [io(t) for t in info.inputs]
-    report.outputs = [io(t) for t in info.outputs]
-    report.tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.bytes}
-                      for t in info.tensors if t.constant]
-    report.sparse_tensors = [
-        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, **t.sparsity.to_dict()}
-        for t in info.sparse_tensors]

@@ -21,6 +21,10 @@ class ExportReport:
       steps); `tflm`: arena bytes and the TFLM-vs-reference error;
       `compression`: LUT candidates / bytes saved; `preflight`: the target
       verdict (EdgeTPU op mapping, first CPU fallback); `compiler_log`.
+    - `recurrent`: for models with recurrent layers, the export form
+      ("step", "loop", "fused", "unroll"), why, file and arena bytes; for
+      step models also the states, their quantization and its effect, and
+      the per-sequence agreement with Keras.
     - `warnings`: things the user should act on; `notes`: what was done.
     """
 
@@ -39,6 +43,7 @@ class ExportReport:
     compression: dict = dataclasses.field(default_factory=dict)
     preflight: object = None
     compiler_log: str | None = None
+    recurrent: dict = dataclasses.field(default_factory=dict)
     warnings: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
 
@@ -77,6 +82,24 @@ class ExportReport:
                 lines.append(f"    {c['name']}: {c['distinct_values']} distinct values/"
                              f"{'channel' if c['axis'] is not None else 'tensor'} -> {c['bits']}-bit LUT, "
                              f"~{c['bytes'] - c['estimated_bytes']:,} bytes saved")
+        if self.recurrent:
+            lines.append("  recurrent: " + _kv({k: v for k, v in self.recurrent.items()
+                                                 if k not in ("states", "layers", "state_quantization", "state_dtype_choice",
+                                                              "per_sequence_agreement")}))
+            for s in self.recurrent.get("states", []):
+                q = f", scale {s['scale']:.4g} zero point {s['zero_point']}" if "scale" in s else ""
+                lines.append(f"    state {s['input']}: layer '{s['layer']}' [{s['index']}], {s['size']} values, "
+                             f"{s['dtype']}{q}")
+            if self.recurrent.get("state_dtype_choice"):
+                lines.append(f"    state dtype: {self.recurrent['state_dtype_choice']['chosen']} "
+                             f"({self.recurrent['state_dtype_choice']['reason']})")
+            if self.recurrent.get("state_quantization"):
+                lines.append("    state quantization: " + _kv({k: v for k, v in self.recurrent["state_quantization"].items()
+                                                               if k != "states"}))
+            if self.recurrent.get("per_sequence_agreement"):
+                agreement = self.recurrent["per_sequence_agreement"]
+                lines.append("    per sequence: tflm vs keras " + _kv(agreement["tflm_vs_keras"]) + "; vs LiteRT "
+                             f"reference max {agreement['tflm_vs_litert_reference_max_steps']:g} steps")
         if self.preflight is not None:
             lines += ["  preflight " + line if i == 0 else "  " + line
                       for i, line in enumerate(str(self.preflight).splitlines())]
@@ -131,3 +154,18 @@ class ExportResult:
     def __repr__(self):
         return (f"<ExportResult target={self.target!r} quantize={self.quantize!r} "
                 f"{len(self.tflite):,} bytes path={self.path!r}>")
+
+
+def fill_report(report, info):
+    """Copy what `inspect` found (size, ops, tensors, I/O) into `report`."""
+    report.size_bytes = info.size
+    report.ops = dict(info.op_counts)
+    io = lambda t: {"name": t.name, "shape": list(t.shape_signature), "dtype": t.dtype,  # noqa: E731
+                    "quantization": t.quantization}
+    report.inputs = [io(t) for t in info.inputs]
+    report.outputs = [io(t) for t in info.outputs]
+    report.tensors = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "bytes": t.bytes}
+                      for t in info.tensors if t.constant]
+    report.sparse_tensors = [
+        {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, **t.sparsity.to_dict()}
+        for t in info.sparse_tensors]

@@ -12,7 +12,7 @@ import numpy as np
 from tf_sparsity.export import lut, runtimes
 from tf_sparsity.export.errors import UnsupportedOpError, VerificationError
 
-__all__ = ["keras_outputs", "raise_unsupported", "verify_litert", "verify_tflm", "warn_on_mismatch"]
+__all__ = ["keras_outputs", "raise_unsupported", "verify_litert", "tflm_checked", "verify_tflm", "warn_on_mismatch"]
 
 
 def raise_unsupported(verdict, spec):
@@ -122,7 +122,7 @@ def verify_tflm(tflite, samples, expected, compress, report):
     ref = runtimes.litert_interpreter(tflite, reference=True)
     inputs = _io_samples(ref, samples)
     reference = runtimes.run_litert(tflite, inputs, interpreter=ref)
-    arena = _tflm_checked(runtimes.tflm_arena_bytes, tflite, inputs[0])
+    arena = tflm_checked(runtimes.tflm_arena_bytes, tflite, inputs[0])
     # Outputs do not depend on the arena size; a generous one keeps a
     # mis-measured arena from crashing this process (see runtimes).
     micro = runtimes.run_tflm(tflite, inputs, runtimes.generous_arena(tflite))
@@ -150,7 +150,7 @@ def verify_tflm(tflite, samples, expected, compress, report):
     if compress == "lut":
         compressed, saved = lut.lut_compress(tflite, report)
         if saved > 0:
-            arena_c = _tflm_checked(runtimes.tflm_arena_bytes, compressed, inputs[0])
+            arena_c = tflm_checked(runtimes.tflm_arena_bytes, compressed, inputs[0])
             micro_c = runtimes.run_tflm(compressed, inputs, runtimes.generous_arena(compressed))
             same = all(np.array_equal(a, b) for ra, rb in zip(micro, micro_c) for a, b in zip(ra, rb))
             report.compression.update({"arena_bytes": arena_c, "outputs_identical": same})
@@ -167,7 +167,7 @@ _TFLM_NODE = re.compile(r"Node (\w+) \(number (\d+)\) failed to prepare")
 _TFLM_MISSING = re.compile(r"Didn't find op for builtin opcode '(\w+)'")
 
 
-def _tflm_checked(fn, *args):
+def tflm_checked(fn, *args):
     """Call a TFLM runner; an op that fails to prepare becomes UnsupportedOpError."""
     try:
         return fn(*args)

@@ -1,0 +1,243 @@
+"""Recurrent export forms (issue 14): step / loop / fused / unroll on the real runtimes."""
+
+import doctest
+import os
+import pathlib
+import subprocess
+
+import keras
+import numpy as np
+import pytest
+
+import tf_sparsity as tfs
+import tf_sparsity.export  # noqa: F401
+from tf_sparsity.export import recurrent
+from tf_sparsity.export.recurrent import step_export
+from tf_sparsity.layers import low_rank as lr
+
+STEPS, FEATURES = 12, 2
+
+
+def seqs(n=40, steps=STEPS, features=FEATURES, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, steps, features)).astype("float32")
+
+
+def chain(*layers, steps=STEPS, features=FEATURES):
+    return keras.Sequential([keras.Input((steps, features)), *layers])
+
+
+CELLS = {
+    "gru": lambda: keras.layers.GRU(8),
+    "lstm": lambda: keras.layers.LSTM(8),
+    "simple_rnn": lambda: keras.layers.SimpleRNN(8),
+    "lowrank_gru": lambda: lr.LowRankGRU(8, max_rank=(None, 2)),
+    "fastgrnn": lambda: lr.FastGRNN(8, max_rank=(None, 2)),
+    "factorized_lstm": lambda: keras.layers.RNN(lr.FactorizedLSTMCell(8, recurrent_rank=2)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CELLS))
+def test_float_step_model_on_litert_equals_keras(kind):
+    model = chain(CELLS[kind](), keras.layers.Dense(3))
+    x = seqs()
+    result = tfs.export.convert(model, target="litert", recurrent="step", representative_data=x)
+    assert result.report.recurrent["form"] == "step"
+    assert "WHILE" not in result.report.ops
+    np.testing.assert_allclose(result.run_sequence(x[:5]), model(x[:5]), atol=1e-4)
+    assert result.report.verification["max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm", "lowrank_gru", "fastgrnn"])
+def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tmp_path):
+    model = chain(CELLS[kind](), keras.layers.Dense(3))
+    x = seqs()
+    path = tmp_path / "rnn.tflite"
+    result = tfs.export.convert(model, target="tflm", representative_data=x, path=path)
+    rec = result.report.recurrent
+    assert rec["form"] == "step" and rec["file_bytes"] == len(result.tflite)
+    info = tfs.export.inspect(result.tflite)
+    assert info.recurrent["form"] == "step" and "recurrent form: step" in str(info)
+    n_states = 2 if kind == "lstm" else 1
+    assert len(info.inputs) == len(info.outputs) == 1 + n_states
+    for k in range(1, 1 + n_states):  # carrying a state is a memcpy
+        assert info.inputs[k].quantization == info.outputs[k].quantization
+        # int8, or int16 where the exporter measured int8 states losing predictions
+        assert info.inputs[k].dtype == rec["state_dtype"] == rec["state_dtype_choice"]["chosen"]
+        assert info.inputs[k].dtype in ("int8", "int16")
+    # The result runs whole sequences on tflite-micro; int8 stays close to Keras.
+    got = result.run_sequence(x[:8])
+    want = np.asarray(model(x[:8]))
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) < 0.1 * max(1.0, np.max(np.abs(want)))
+    assert result.report.tflm["arena_bytes"] < 16 * 1024
+    assert rec["state_quantization"]["dtype"] == rec["state_dtype"]
+    assert rec["per_sequence_agreement"]["tflm_vs_litert_reference_max_steps"] <= 4
+    # C files: model array + the documented C++ loop over time steps.
+    cc, h, loop = (pathlib.Path(p) for p in result.c_files)
+    text = loop.read_text()
+    assert loop.name == "rnn_sequence.h" and "Invoke()" in text and "memmove" in text
+    assert f"#define G_RNN_STEPS {STEPS}" in text and f"G_RNN_NUM_STATES {n_states}" in text
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
+    score = step_export._score
+
+    def int8_loses(tflite, meta, check, want):  # pretend int8 states lose half the predictions
+        result = score(tflite, meta, check, want)
+        if meta["input"]["dtype"] == "int8":
+            result.update(ok=False, score=0.5)
+        return result
+
+    monkeypatch.setattr(step_export, "_score", int8_loses)
+    model = chain(keras.layers.LSTM(8), keras.layers.Dense(3))
+    x = seqs()
+    result = tfs.export.convert(model, target="tflm", representative_data=x)
+    choice = result.report.recurrent["state_dtype_choice"]
+    assert choice["chosen"] == "int16" and "int16" in choice["measured"]
+    assert [t.dtype for t in result.inspect().inputs] == ["int16", "int16", "int16"]
+    got, want = result.run_sequence(x[:4]), np.asarray(model(x[:4]))
+    assert np.max(np.abs(got - want)) < 0.02 * max(1.0, np.max(np.abs(want)))
+    edgetpu = tfs.export.convert(model, target="edgetpu", representative_data=x, verify=False)
+    assert edgetpu.report.recurrent["state_dtype"] == "int8"  # the EdgeTPU runs int8 only
+
+
+def test_step_file_does_not_grow_with_the_sequence():
+    sizes = []
+    for steps in (10, 40):
+        model = chain(keras.layers.GRU(8), keras.layers.Dense(3), steps=steps)
+        keras.utils.set_random_seed(0)
+        result = tfs.export.convert(model, target="tflm", representative_data=seqs(steps=steps), verify=False)
+        sizes.append(len(result.tflite))
+    assert abs(sizes[0] - sizes[1]) <= 8  # only the recorded length in the metadata differs
+
+
+def test_factorized_cells_keep_their_factors_in_the_step_model():
+    layer = lr.LowRankGRU(16, max_rank=(None, 2))
+    model = chain(layer, keras.layers.Dense(3))
+    result = tfs.export.convert(model, target="tflm", representative_data=seqs(), verify=False)
+    shapes = [t.shape for t in result.inspect().tensors if t.constant and t.dtype == "int8"]
+    assert any(2 in s and 16 in s and len(s) == 2 for s in shapes)   # U [16, 2] or V [2, 16]
+    assert not any(s == (48, 16) or s == (16, 48) for s in shapes)  # never U·V
+
+
+def test_stacked_and_sequence_output_heads():
+    model = chain(keras.layers.GRU(6, return_sequences=True), keras.layers.Dropout(0.1),
+                  keras.layers.LSTM(5, return_sequences=True), keras.layers.Dense(3))
+    x = seqs()
+    result = tfs.export.convert(model, target="litert", recurrent="step", representative_data=x)
+    assert len(result.report.recurrent["states"]) == 3
+    got = result.run_sequence(x[:3])
+    assert got.shape == (3, STEPS, 3)  # documented: one output per step
+    np.testing.assert_allclose(got, model(x[:3]), atol=1e-4)
+
+
+def test_stateful_layer_step_form_carries_state_explicitly():
+    inputs = keras.Input((STEPS, FEATURES), batch_size=1)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GRU(4, stateful=True)(inputs)))
+    x = seqs(8)
+    result = tfs.export.convert(model, target="litert", representative_data=x)  # auto -> step
+    assert result.report.recurrent["form"] == "step"
+    with pytest.raises(ValueError, match="stateful.*recurrent='step'"):
+        tfs.export.convert(model, target="litert", recurrent="unroll", representative_data=x)
+
+
+def test_edgetpu_preflight_passes_for_the_step_gru():
+    model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
+    result = tfs.export.convert(model, target="edgetpu", representative_data=seqs(), verify=False)
+    assert result.report.recurrent["form"] == "step"
+    assert result.report.preflight.first_fallback is None
+
+
+def test_loop_is_float_only_and_auto_keeps_litert_whole_sequence():
+    model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
+    x = seqs()
+    loop = tfs.export.convert(model, target="litert")
+    assert loop.report.recurrent["form"] == "loop" and "WHILE" in loop.report.ops
+    assert loop.inspect().recurrent["form"] == "loop"
+    with pytest.raises(ValueError, match="float only.*'step' or 'unroll'"):
+        tfs.export.convert(model, target="tflm", representative_data=x, recurrent="loop")
+    with pytest.raises(ValueError, match="`recurrent` must be one of"):
+        tfs.export.convert(model, recurrent="scan")
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: chain(keras.layers.Bidirectional(keras.layers.GRU(4)), keras.layers.Dense(2)), "Bidirectional"),
+    (lambda: chain(keras.layers.GRU(4, return_sequences=True), keras.layers.Flatten(), keras.layers.Dense(2)),
+     "return_sequences=True"),
+    (lambda: chain(keras.layers.GRU(4, go_backwards=True), keras.layers.Dense(2)), "go_backwards"),
+    (lambda: chain(keras.layers.Conv1D(4, 3), keras.layers.GRU(4), keras.layers.Dense(2)), "mixes time steps"),
+])
+def test_step_form_refuses_with_the_reason(build, message):
+    with pytest.raises(ValueError, match=message):
+        tfs.export.convert(build(), target="tflm", representative_data=seqs(), recurrent="step")
+
+
+def test_unsupported_cell_and_unknown_length_are_named():
+    class MatrixStateCell(keras.layers.Layer):
+        state_size = [(2, 2)]
+        output_size = 4
+
+        def call(self, x, states):
+            return keras.ops.zeros((keras.ops.shape(x)[0], 4)), states
+
+    model = chain(keras.layers.RNN(MatrixStateCell()), keras.layers.Dense(2))
+    with pytest.raises(ValueError, match="state_size.*expected an int"):
+        tfs.export.convert(model, target="tflm", representative_data=seqs(), recurrent="step")
+    unknown = keras.Sequential([keras.Input((None, FEATURES)), keras.layers.GRU(4), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="sequence length is unknown.*input_shape"):
+        tfs.export.convert(unknown, target="litert", recurrent="step")
+    result = tfs.export.convert(unknown, target="litert", recurrent="step", input_shape=(7, FEATURES))
+    assert result.report.recurrent["steps"] == 7
+
+
+def test_auto_unrolls_for_tflm_when_step_is_impossible():
+    model = chain(keras.layers.Bidirectional(keras.layers.SimpleRNN(4)), keras.layers.Dense(2), steps=6)
+    result = tfs.export.convert(model, target="tflm", representative_data=seqs(steps=6), verify=False)
+    assert result.report.recurrent["form"] == "unroll" and "Bidirectional" in result.report.recurrent["reason"]
+
+
+def test_run_sequence_rejects_non_step_models():
+    model = chain(keras.layers.GRU(4), keras.layers.Dense(2))
+    loop = tfs.export.convert(model)
+    with pytest.raises(ValueError, match="not a step model"):
+        recurrent.run_sequence(loop.tflite, seqs(2))
+
+
+def _baseline_python():
+    python = recurrent.baseline_python()
+    ok = subprocess.run([python, "-c", "import tf_keras"], capture_output=True).returncode == 0
+    return python if ok else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_baseline_python() is None, reason="no tf_keras: set TF_SPARSITY_BASELINE_PYTHON")
+def test_fused_lstm_runs_int8_on_tflm():
+    model = chain(keras.layers.LSTM(8), keras.layers.Dense(3))
+    result = tfs.export.convert(model, target="tflm", representative_data=seqs(), recurrent="fused")
+    assert result.report.ops.get("UNIDIRECTIONAL_SEQUENCE_LSTM") == 1
+    assert result.inspect().recurrent["form"] == "fused"
+    assert result.report.tflm["max_diff_vs_reference_steps"] <= 2
+    with pytest.raises(ValueError, match="LSTM layers only"):
+        tfs.export.convert(chain(keras.layers.GRU(4)), target="tflm", representative_data=seqs(), recurrent="fused")
+
+
+def test_docstring_examples():
+    failures, _ = doctest.testmod(recurrent, optionflags=doctest.ELLIPSIS)
+    assert failures == 0
+
+
+@pytest.mark.slow
+def test_cli_prune_lowrank_makes_a_low_rank_rnn(tmp_path):
+    from tf_sparsity import cli
+
+    model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
+    model.save(tmp_path / "gru.keras")
+    x = seqs(64)
+    np.savez(tmp_path / "data.npz", x=x, y=np.arange(64) % 3)
+    cli.main(["prune", str(tmp_path / "gru.keras"), "--method", "lowrank", "--data", str(tmp_path / "data.npz"),
+              "--output", str(tmp_path / "out.keras"), "--epochs", "2", "--sparsity", "0.5", "--from-logits",
+              "--quiet"])
+    pruned = keras.saving.load_model(tmp_path / "out.keras")
+    cell = pruned.layers[0].cell
+    assert type(cell).__name__ == "FactorizedGRUCell" and cell.recurrent_rank is not None and cell.recurrent_rank < 8

@@ -1,0 +1,57 @@
+"""Recurrent models for devices: export the weights once and carry the state.
+
+`convert(model, target, recurrent=...)` picks one of these forms for models
+with recurrent layers (Keras `GRU`, `LSTM`, `SimpleRNN`, `RNN(cell)` with
+the package's low-rank / FastGRNN / factorized cells):
+
+- **step** (the default for `tflm` and `edgetpu`): the model of *one* time
+  step. Inputs `x` `[1, features]` and every state `[1, units]`; outputs the
+  head's output, then every new state. Weights are stored once, factorized
+  cells keep their factors (U and V, not U·V), file and arena do not grow
+  with the sequence. The firmware (or `ExportResult.run_sequence`) loops over
+  the time steps and copies each new state back to its input. int8 states
+  leave the model with exactly the quantization of the state inputs (a
+  requantizing QUANTIZE op is appended where the converter chose other
+  parameters), so that copy is a `memcpy`. The C files come with
+  `<stem>_sequence.h`, the documented C++ loop.
+- **loop**: one `WHILE` graph with shared weights (Keras 3's own conversion);
+  float only: full-int8 conversion of the loop crashes the TF 2.21 converter.
+- **fused**: an LSTM as one `UNIDIRECTIONAL_SEQUENCE_LSTM` op, rebuilt with
+  `tf_keras` in a child process (the `baseline` extra).
+- **unroll**: the sequence unrolled into plain ops over a static length
+  (grows with the sequence; always available where the ops are).
+
+Everything here reads Keras layers through public attributes (`cell`,
+`state_size`, `return_sequences`, ...). One module per part: `plan` (which
+layers, the step plan, choosing the form), `step_model` (building the one-step
+model), `sequences` (running and timing sequences, the C++ loop header),
+`step_export` and `fused` (the two forms `convert` hands over).
+
+>>> import keras, numpy as np, tf_sparsity as tfs
+>>> m = keras.Sequential([keras.Input((20, 1)), keras.layers.GRU(8), keras.layers.Dense(3)])
+>>> x = np.random.default_rng(0).normal(size=(32, 20, 1)).astype("float32")
+>>> r = tfs.export.convert(m, target="tflm", representative_data=x)   # recurrent="auto" -> "step"
+>>> r.report.recurrent["form"], r.inspect().op_counts.get("WHILE", 0)
+('step', 0)
+>>> r.run_sequence(x[:4]).shape          # on tflite-micro, state carried between invokes
+(4, 3)
+"""
+
+from tf_sparsity.export.recurrent.fused import baseline_python, convert_fused
+from tf_sparsity.export.recurrent.plan import FORMS, METADATA_NAME, StepFormError, recurrent_layers, resolve, step_plan
+from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, run_sequence, sequence_header, time_sequence
+from tf_sparsity.export.recurrent.step_export import convert_step
+from tf_sparsity.export.recurrent.step_model import describe, metadata
+
+__all__ = [
+    "FORMS", "METADATA_NAME", "RecurrentExportResult", "StepFormError", "baseline_python", "convert_form",
+    "convert_fused", "convert_step", "describe", "metadata", "recurrent_layers", "resolve", "run_sequence",
+    "sequence_header", "step_plan", "time_sequence",
+]
+
+
+def convert_form(form, model, spec, quantize, representative_data, path, verify, **kwargs):
+    """`convert`'s call-out for the forms this module builds ("step", "fused")."""
+    if form == "step":
+        return convert_step(model, spec, quantize, representative_data, path, verify, **kwargs)
+    return convert_fused(model, spec, quantize, representative_data, path, verify, **kwargs)

@@ -1,0 +1,274 @@
+"""`convert` for the step form: state precision chosen by measurement, verification per sequence."""
+
+
+import os
+
+import numpy as np
+
+from tf_sparsity.export import runtimes
+from tf_sparsity.export.errors import ExportError, VerificationError
+
+
+
+
+from tf_sparsity.export import lut
+from tf_sparsity.export.result import fill_report
+from tf_sparsity.export import inputs as input_stage
+from tf_sparsity.export import prepare as prepare_stage
+from tf_sparsity.export import verify as verify_stage
+from tf_sparsity.export.recurrent.plan import _MAX_CALIBRATION_STEPS, _PER_CHANNEL, recurrent_layers, step_function, step_plan
+from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, _agreement, run_sequence, sequence_header
+from tf_sparsity.export.recurrent.step_model import _calibration_steps, _convert_step_model, _finish_step_model, _rollout
+
+
+# --------------------------------------------------------------------------
+# convert(..., recurrent="step")
+
+def convert_step(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
+                 calibration_steps, verify_samples, batch_size, compress, report, reason):
+    """The step-form branch of `tfs.export.convert` (arguments as there)."""
+    from tf_sparsity.export.c_array import write_c_array
+    from tf_sparsity.export.inspection import inspect
+
+    target = spec.name
+    if batch_size != 1:
+        raise ValueError(f"recurrent='step' exports batch 1 (one sequence at a time); received batch_size={batch_size!r}.")
+    prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes)
+    plan = step_plan(prepared)
+    sequences = _sequences(model, plan, input_shape, representative_data, calibration_steps, verify_samples)
+    if plan.steps is None:
+        plan.steps = sequences.shape[1] if sequences is not None else None
+    if plan.steps is None:
+        raise ValueError(
+            "recurrent='step': the sequence length is unknown (model input (None, None, "
+            f"{plan.features})); pass input_shape=(steps, {plan.features}) or representative_data of shape "
+            f"(n, steps, {plan.features}). The step model runs any length; the length is needed to verify it "
+            "and for the C loop.")
+    if quantize == "int8" and sequences is None:
+        raise ValueError(
+            f"quantize='int8'{'' if target == 'litert' else f' (required by target {target!r})'} needs "
+            f"`representative_data`: about 100 typical sequences, an array of shape (n, {plan.steps}, "
+            f"{plan.features}) such as x_train[:100]. Every time step of them calibrates the int8 ranges of the "
+            "inputs, the states and the activations.")
+    step = step_function(plan)
+    calibration = []
+    if quantize == "int8":
+        _, recorded = _rollout(step, plan, sequences[:calibration_steps], record=True)
+        calibration = _calibration_steps(recorded, _MAX_CALIBRATION_STEPS)
+    tflite, meta = _finish_step_model(
+        _convert_step_model(prepared, plan, quantize, calibration, per_channel=_PER_CHANNEL), plan, quantize)
+    choice = None
+    if quantize == "int8":
+        tflite, meta, choice = _choose_state_dtype(prepared, plan, calibration, sequences, tflite, meta, target,
+                                                   model)
+        if choice["chosen"] == "int16":
+            report.notes.append("int16 activations and states (16x8: int8 weights): " + choice["reason"])
+    info = inspect(tflite)
+    meta["op_names"] = sorted(info.op_counts)
+    verdict = info.verdict(target)
+    if target == "edgetpu":
+        report.preflight = verdict
+        if verdict.first_fallback is not None:
+            report.warnings.append(f"EdgeTPU: {verdict.first_fallback} — this op and everything after it "
+                                   "run on the CPU")
+    elif not verdict.ok:
+        verify_stage.raise_unsupported(verdict, spec)
+    report.warnings += [w for w in verdict.warnings if target != "edgetpu" or "maps ops only" not in w]
+    rec = {"form": "step", "reason": reason, "state_dtype": meta["states"][0]["dtype"] if meta["states"] else None,
+           "state_dtype_choice": choice, "steps": plan.steps, "features": plan.features,
+           "states": meta["states"], "sequence_output": plan.sequence_output,
+           "layers": [l.name for l in plan.chain]}
+    report.recurrent = rec
+    report.notes.append(f"exported one time step (recurrent='step'): {len(plan.states)} state(s) carried by the "
+                        "caller; weights stored once; run whole sequences with result.run_sequence(x)")
+    if verify:
+        samples = sequences[:verify_samples] if sequences is not None else _random_sequences(plan, verify_samples)
+        if sequences is None:
+            report.notes.append(f"verified on {len(samples)} random normal sequences (no representative_data)")
+        expected = _keras_sequences(model, samples)
+        litert = run_sequence(tflite, samples, runtime="litert", raw=True)
+        report.verification = {"runtime": "ai_edge_litert (default XNNPack delegate), per sequence",
+                               **_agreement(litert, expected, meta)}
+        verify_stage.warn_on_mismatch(report)
+        if quantize == "int8":
+            rec["state_quantization"] = _state_effect(step, plan, samples, meta, expected)
+        if target == "tflm":
+            tflite = _verify_tflm_step(tflite, samples, expected, meta, compress, report, litert)
+            info = inspect(tflite)
+    elif compress is not None:
+        tflite, _ = lut.lut_compress(tflite, report)
+        info = inspect(tflite)
+    if target == "edgetpu":
+        report.notes.append("edgetpu_compiler is not on PATH: preflight only" if not runtimes.edgetpu_compiler()
+                            else "edgetpu_compiler not run for step models")
+    if target == "tflm" and "candidates" not in report.compression:
+        report.compression.update(lut.lut_candidates(tflite))
+    fill_report(report, info)
+    rec["file_bytes"] = len(tflite)
+    rec["arena_bytes"] = report.tflm.get("arena_bytes")
+    written, c_paths = None, ()
+    if path is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        from tf_sparsity.export.atomic import atomic_write
+
+        written = atomic_write(path, tflite)
+        if c_files if c_files is not None else target == "tflm":
+            c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
+            root = os.path.splitext(os.fspath(path))[0]
+            header = root + "_sequence.h"
+            atomic_write(header, sequence_header(meta, os.path.basename(root)).encode())
+            c_paths = tuple(c_paths) + (header,)
+    return RecurrentExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
+                                 c_files=tuple(c_paths))
+
+
+# int8 states are kept when the int8 step model agrees with Keras on this share of the
+# calibration sequences' predictions (classifiers) or within this fraction of the output
+# scale (other heads); otherwise int16 activations and states (16x8) are tried.
+_INT8_AGREEMENT, _INT8_RELATIVE_ERROR, _CHOICE_SEQUENCES = 0.98, 0.05, 64
+
+
+def _score(tflite, meta, check, want):
+    got = run_sequence(tflite, check, runtime="reference", raw=True)
+    result = _agreement(got, want, meta)
+    if "argmax_agreement" in result:
+        result["ok"] = result["argmax_agreement"] >= _INT8_AGREEMENT
+        result["score"] = result["argmax_agreement"]
+    else:
+        relative = result["max_abs_diff"] / max(result["output_scale"], 1e-6)
+        result["ok"], result["score"] = relative <= _INT8_RELATIVE_ERROR, -relative
+    return result
+
+
+def _choose_state_dtype(prepared, plan, calibration, sequences, tflite, meta, target, model):
+    """int8 states, or int16 (16x8) where int8 loses predictions: measured on the calibration sequences.
+
+    Run on LiteRT's reference kernels (the kernels tflite-micro ports). The
+    EdgeTPU runs int8 only, so it keeps int8 (with a warning in the report
+    when it loses predictions).
+    """
+    check = sequences[:_CHOICE_SEQUENCES]
+    want = _keras_sequences(model, check)
+    int8 = _score(tflite, meta, check, want)
+    measured = {"int8": {k: v for k, v in int8.items() if k != "ok"}, "sequences": len(check)}
+    if int8["ok"]:
+        return tflite, meta, {"chosen": "int8", "reason": "int8 keeps the predictions", "measured": measured}
+    if target == "edgetpu":
+        return tflite, meta, {"chosen": "int8", "measured": measured,
+                              "reason": "the EdgeTPU runs int8 only (int8 states lose predictions here)"}
+    from tf_sparsity.export.inspection import inspect
+
+    try:
+        wide, wide_meta = _finish_step_model(_convert_step_model(
+            prepared, plan, "int8", calibration, per_channel=_PER_CHANNEL, activations="int16"), plan, "int8")
+        if not inspect(wide).verdict(target).ok:
+            raise ExportError("ops without int16 kernels on " + target)
+        int16 = _score(wide, wide_meta, check, want)
+    except (ExportError, VerificationError) as error:
+        measured["int16"] = {"error": str(error)[:300]}
+        return tflite, meta, {"chosen": "int8", "measured": measured, "reason": f"int16 not possible: {error}"[:300]}
+    measured["int16"] = {k: v for k, v in int16.items() if k != "ok"}
+    if int16["score"] > int8["score"]:
+        what = (f"int8 states agree with Keras on {int8['score']:.1%} of {len(check)} calibration sequences, "
+                f"int16 on {int16['score']:.1%}" if "argmax_agreement" in int8 else
+                "int8 states leave a larger output error than int16")
+        return wide, wide_meta, {"chosen": "int16", "reason": what, "measured": measured}
+    return tflite, meta, {"chosen": "int8", "reason": "int16 was not better", "measured": measured}
+
+
+def _sequences(model, plan, input_shape, data, calibration_steps, verify_samples):
+    """Representative sequences as one float array [n, T, F] (validated), or None."""
+
+    if data is None:
+        if input_shape is not None:
+            shape = input_stage.given_shapes(input_shape, 1)[0]
+            if len(shape) != 2 or shape[1] not in (None, plan.features) or (
+                    plan.steps is not None and shape[0] not in (None, plan.steps)):
+                raise ValueError(f"`input_shape` {tuple(shape)} does not fit the model's sequence input "
+                                 f"({plan.steps}, {plan.features}) (batch dimension excluded).")
+            plan.steps = plan.steps or shape[0]
+        return None
+    spec = {"name": "x", "shape": [1, plan.steps, plan.features], "dtype": "float32"}
+    arrays = input_stage.samples(data, [spec], limit=max(calibration_steps, verify_samples))
+    if not arrays:
+        return None
+    return np.concatenate([a[0] for a in arrays]).astype(np.float32)
+
+
+def _keras_sequences(model, samples):
+    """Keras outputs of whole sequences from the zero state (stateful layers: one by one, state restored)."""
+    stateful = [l for l in recurrent_layers(model) if getattr(l, "stateful", False)]
+    if not stateful:
+        return np.asarray(model(samples, training=False))
+    saved = [[np.asarray(v) for v in (l.states or [])] for l in stateful]
+    try:
+        outs = []
+        for k in range(len(samples)):
+            for layer in stateful:
+                layer.reset_state()
+            outs.append(np.asarray(model(samples[k:k + 1], training=False))[0])
+        return np.stack(outs)
+    finally:
+        for layer, values in zip(stateful, saved):
+            for variable, value in zip(layer.states or [], values):
+                variable.assign(value)
+
+
+def _random_sequences(plan, n):
+    return np.random.default_rng(0).normal(size=(n, plan.steps, plan.features)).astype(np.float32)
+
+
+def _state_effect(step, plan, samples, meta, expected):
+    """What int8 states alone cost: the float step model with its states rounded to the int8 grid."""
+    params = [(s["scale"], s["zero_point"], s["dtype"]) for s in meta["states"]]
+    rounded, _ = _rollout(step, plan, samples, state_params=params)
+    exact, _ = _rollout(step, plan, samples)
+    diff = float(np.max(np.abs(rounded - exact)))
+    info = lambda s: np.iinfo(np.dtype(s["dtype"]))  # noqa: E731
+    entry = {"dtype": meta["states"][0]["dtype"] if meta["states"] else "int8",
+             "states": [{"layer": s["layer"], "index": s["index"], "scale": s["scale"],
+                         "zero_point": s["zero_point"],
+                         "range": [(info(s).min - s["zero_point"]) * s["scale"],
+                                   (info(s).max - s["zero_point"]) * s["scale"]]}
+                        for s in meta["states"]],
+             "float_step_vs_keras_max_abs_diff": float(np.max(np.abs(exact - np.asarray(expected).reshape(exact.shape)))),
+             "quantized_states_only_max_abs_diff": diff, "samples": len(samples)}
+    if exact.shape[-1] > 1:
+        entry["quantized_states_only_argmax_agreement"] = float(np.mean(np.argmax(rounded, -1) == np.argmax(exact, -1)))
+    return entry
+
+
+def _verify_tflm_step(tflite, samples, expected, meta, compress, report, litert):
+
+    q = meta["input"]
+    first = [runtimes.quantize(samples[0, :1], (q["scale"], q["zero_point"]), np.dtype(q["dtype"]))
+             if q.get("scale") else samples[0, :1]]
+    first += [np.full((1, s["size"]), s.get("zero_point", 0), s["dtype"]) for s in meta["states"]]
+    arena = verify_stage.tflm_checked(runtimes.tflm_arena_bytes, tflite, first)
+    micro = run_sequence(tflite, samples, runtime="tflm", raw=True)
+    reference = run_sequence(tflite, samples, runtime="reference", raw=True)
+    vs_ref = np.abs(micro.astype(np.int64) - reference.astype(np.int64))
+    vs_keras = _agreement(micro, expected, meta)
+    report.tflm = {"runtime": "tflite-micro Python interpreter, one invoke per time step",
+                   "arena_bytes": arena, "max_diff_vs_reference_steps": float(vs_ref.max()),
+                   "samples": len(samples),
+                   "max_error_vs_keras_steps": vs_keras.get("max_error_steps", vs_keras["max_abs_diff"])}
+    if "argmax_agreement" in vs_keras:
+        report.tflm["argmax_agreement_vs_keras"] = vs_keras["argmax_agreement"]
+    report.recurrent["per_sequence_agreement"] = {"tflm_vs_keras": vs_keras,
+                                                  "tflm_vs_litert_reference_max_steps": float(vs_ref.max()),
+                                                  "tflm_identical_to_reference": float(np.mean(
+                                                      vs_ref.reshape(len(vs_ref), -1).max(1) == 0))}
+    one_step = 1 if meta["output"].get("dtype") != "int16" else 256  # int16 steps are 256x finer
+    if vs_ref.max() > one_step:
+        report.warnings.append(f"tflite-micro differs from LiteRT's reference kernels by {vs_ref.max():g} "
+                               "quantization steps after the whole sequence (single-op rounding differences "
+                               "compound through the carried state)")
+    if compress == "lut":
+        compressed, saved = lut.lut_compress(tflite, report)
+        if saved > 0:
+            report.compression["arena_bytes"] = verify_stage.tflm_checked(runtimes.tflm_arena_bytes, compressed, first)
+            same = np.array_equal(run_sequence(compressed, samples, runtime="tflm", raw=True), micro)
+            report.compression["outputs_identical"] = bool(same)
+            tflite = compressed
+    return tflite
