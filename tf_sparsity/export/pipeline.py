@@ -11,12 +11,11 @@ import os
 
 from tf_sparsity.export import lut, runtimes, targets
 from tf_sparsity.export import recurrent as recurrent_forms
-from tf_sparsity.export.atomic import atomic_write
-from tf_sparsity.export.c_array import write_c_array
 from tf_sparsity.export.converter import has_sparse_kernels, run_converter, settle_sparsity
 from tf_sparsity.export.errors import VerificationError
 from tf_sparsity.export.inputs import input_specs, random_samples, samples
 from tf_sparsity.export.inspection import inspect
+from tf_sparsity.export.outputs import write_outputs
 from tf_sparsity.export.prepare import check_model, check_quantize, prepare
 from tf_sparsity.export.result import ExportReport, ExportResult, fill_report
 from tf_sparsity.export.verify import (
@@ -139,7 +138,7 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
     fill_report(report, info)
     if form is not None:
         report.recurrent.update(file_bytes=len(tflite), arena_bytes=report.tflm.get("arena_bytes"))
-    written, c_paths = _write(tflite, compiled, path, c_files, spec, report)
+    written, c_paths = write_outputs(tflite, path, c_files, spec, report, compiled=compiled)
     return ExportResult(tflite=tflite, path=written, target=spec.name, quantize=quantize, report=report,
                         c_files=tuple(c_paths), compiled=compiled)
 
@@ -244,18 +243,3 @@ def _edgetpu_compiled(tflite, spec, report):
     if compiled is None:
         report.warnings.append("edgetpu_compiler failed; see compiler_log")
     return compiled
-
-
-def _write(tflite, compiled, path, c_files, spec, report):
-    """Write the .tflite (and the EdgeTPU model, the C files) atomically."""
-    if path is None:
-        return None, ()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    written = atomic_write(path, tflite)
-    if compiled is not None:
-        root, ext = os.path.splitext(os.fspath(path))
-        atomic_write(root + "_edgetpu" + (ext or ".tflite"), compiled)
-    c_paths = ()
-    if c_files if c_files is not None else spec.name == "tflm":
-        c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
-    return written, c_paths

@@ -12,7 +12,7 @@ import numpy as np
 from tf_sparsity.export import lut, runtimes
 from tf_sparsity.export.errors import UnsupportedOpError, VerificationError
 
-__all__ = ["keras_outputs", "raise_unsupported", "verify_litert", "tflm_checked", "verify_tflm", "warn_on_mismatch"]
+__all__ = ["keras_outputs", "raise_unsupported", "verify_litert", "lut_checked", "tflm_checked", "verify_tflm", "warn_on_mismatch"]
 
 
 def raise_unsupported(verdict, spec):
@@ -148,18 +148,10 @@ def verify_tflm(tflite, samples, expected, compress, report):
                                "quantization steps (<= 1 is typical; long recurrent chains compound "
                                "rounding differences of single ops)")
     if compress == "lut":
-        compressed, saved = lut.lut_compress(tflite, report)
-        if saved > 0:
-            arena_c = tflm_checked(runtimes.tflm_arena_bytes, compressed, inputs[0])
-            micro_c = runtimes.run_tflm(compressed, inputs, runtimes.generous_arena(compressed))
-            same = all(np.array_equal(a, b) for ra, rb in zip(micro, micro_c) for a, b in zip(ra, rb))
-            report.compression.update({"arena_bytes": arena_c, "outputs_identical": same})
-            if arena_c > arena:
-                report.notes.append(f"LUT compression saves {saved:,} bytes of flash but TFLM decodes the "
-                                    f"weights into the arena: {arena:,} -> {arena_c:,} bytes of RAM")
-            if not same:
-                report.warnings.append("LUT-compressed model outputs differ from the uncompressed model")
-            tflite = compressed
+        tflite = lut_checked(
+            tflite, report, arena, arena_of=lambda m: tflm_checked(runtimes.tflm_arena_bytes, m, inputs[0]),
+            same_outputs=lambda m: all(np.array_equal(a, b) for ra, rb in zip(
+                micro, runtimes.run_tflm(m, inputs, runtimes.generous_arena(m))) for a, b in zip(ra, rb)))
     return tflite
 
 
@@ -184,3 +176,24 @@ def tflm_checked(fn, *args):
             + "; ".join(detail) + "). Replace the layer that produces it with ops TFLM has int8 "
             "kernels for (e.g. ReLU instead of exp/gelu), or export for target='litert'.",
             op=op, target="tflm") from None
+
+
+def lut_checked(tflite, report, arena, arena_of, same_outputs):
+    """LUT-compress `tflite` and check the result on tflite-micro.
+
+    `arena_of(model)` measures a model's arena, `same_outputs(model)` says
+    whether it computes what the uncompressed model did. The arena and the
+    verdict go into `report.compression`; returns the compressed model (or
+    `tflite` when compression saved nothing).
+    """
+    compressed, saved = lut.lut_compress(tflite, report)
+    if saved <= 0:
+        return tflite
+    arena_c, same = arena_of(compressed), bool(same_outputs(compressed))
+    report.compression.update({"arena_bytes": arena_c, "outputs_identical": same})
+    if arena is not None and arena_c > arena:
+        report.notes.append(f"LUT compression saves {saved:,} bytes of flash but TFLM decodes the "
+                            f"weights into the arena: {arena:,} -> {arena_c:,} bytes of RAM")
+    if not same:
+        report.warnings.append("LUT-compressed model outputs differ from the uncompressed model")
+    return compressed

@@ -18,6 +18,7 @@ from tf_sparsity.export.errors import ExportError
 from tf_sparsity.export.result import fill_report
 from tf_sparsity.export import inputs as input_stage
 from tf_sparsity.export import verify as verify_stage
+from tf_sparsity.export.outputs import write_outputs
 from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, _agreement, _run_fused
 from tf_sparsity.export.recurrent.step_model import _add_metadata, metadata
 
@@ -101,8 +102,6 @@ def _fused_spec(model, steps):
 def convert_fused(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
                   calibration_steps, verify_samples, batch_size, compress, report, reason):
     """The fused-LSTM branch of `tfs.export.convert` (arguments as there)."""
-    from tf_sparsity.export.atomic import atomic_write
-    from tf_sparsity.export.c_array import write_c_array
     from tf_sparsity.export.inspection import inspect
 
     target = spec.name
@@ -179,12 +178,7 @@ def convert_fused(model, spec, quantize, representative_data, path, verify, *, i
                 report.tflm["argmax_agreement_vs_keras"] = vs_keras["argmax_agreement"]
     fill_report(report, info)
     report.recurrent.update(file_bytes=len(tflite), arena_bytes=report.tflm.get("arena_bytes"))
-    written, c_paths = None, ()
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        written = atomic_write(path, tflite)
-        if c_files if c_files is not None else target == "tflm":
-            c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
+    written, c_paths = write_outputs(tflite, path, c_files, spec, report)
     return RecurrentExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
                                  c_files=tuple(c_paths))
 

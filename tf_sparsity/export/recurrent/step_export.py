@@ -16,6 +16,7 @@ from tf_sparsity.export.result import fill_report
 from tf_sparsity.export import inputs as input_stage
 from tf_sparsity.export import prepare as prepare_stage
 from tf_sparsity.export import verify as verify_stage
+from tf_sparsity.export.outputs import write_outputs
 from tf_sparsity.export.recurrent.plan import _MAX_CALIBRATION_STEPS, _PER_CHANNEL, recurrent_layers, step_function, step_plan
 from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, _agreement, run_sequence, sequence_header
 from tf_sparsity.export.recurrent.step_model import _calibration_steps, _convert_step_model, _finish_step_model, _rollout
@@ -27,7 +28,6 @@ from tf_sparsity.export.recurrent.step_model import _calibration_steps, _convert
 def convert_step(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
                  calibration_steps, verify_samples, batch_size, compress, report, reason):
     """The step-form branch of `tfs.export.convert` (arguments as there)."""
-    from tf_sparsity.export.c_array import write_c_array
     from tf_sparsity.export.inspection import inspect
 
     target = spec.name
@@ -106,18 +106,9 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     fill_report(report, info)
     rec["file_bytes"] = len(tflite)
     rec["arena_bytes"] = report.tflm.get("arena_bytes")
-    written, c_paths = None, ()
-    if path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        from tf_sparsity.export.atomic import atomic_write
-
-        written = atomic_write(path, tflite)
-        if c_files if c_files is not None else target == "tflm":
-            c_paths = write_c_array(tflite, path, arena_bytes=report.tflm.get("arena_bytes"))
-            root = os.path.splitext(os.fspath(path))[0]
-            header = root + "_sequence.h"
-            atomic_write(header, sequence_header(meta, os.path.basename(root)).encode())
-            c_paths = tuple(c_paths) + (header,)
+    root = os.path.splitext(os.fspath(path))[0] if path is not None else ""
+    written, c_paths = write_outputs(tflite, path, c_files, spec, report, extra={
+        "_sequence.h": sequence_header(meta, os.path.basename(root)).encode()})
     return RecurrentExportResult(tflite=tflite, path=written, target=target, quantize=quantize, report=report,
                                  c_files=tuple(c_paths))
 
@@ -265,10 +256,7 @@ def _verify_tflm_step(tflite, samples, expected, meta, compress, report, litert)
                                "quantization steps after the whole sequence (single-op rounding differences "
                                "compound through the carried state)")
     if compress == "lut":
-        compressed, saved = lut.lut_compress(tflite, report)
-        if saved > 0:
-            report.compression["arena_bytes"] = verify_stage.tflm_checked(runtimes.tflm_arena_bytes, compressed, first)
-            same = np.array_equal(run_sequence(compressed, samples, runtime="tflm", raw=True), micro)
-            report.compression["outputs_identical"] = bool(same)
-            tflite = compressed
+        tflite = verify_stage.lut_checked(
+            tflite, report, arena, arena_of=lambda m: verify_stage.tflm_checked(runtimes.tflm_arena_bytes, m, first),
+            same_outputs=lambda m: np.array_equal(run_sequence(m, samples, runtime="tflm", raw=True), micro))
     return tflite
