@@ -264,8 +264,6 @@ class _Pruner:
 
     def step(self, density, scope="global", threshold_method="histogram"):
         """One round: score, then keep `density` of the weights (masks only shrink)."""
-        if not hasattr(self, "_update_fn"):
-            self._update_fn = tf.function(self._update_masks, reduce_retracing=True)
         if getattr(self, "_alive", None) is None:
             self._alive = [tf.cast(tf.where(tf.reshape(m, [-1]) > 0)[:, 0], tf.int32) for m in self.masks]
         sizes = [int(np.prod(k.shape)) for k in self.kernels]
@@ -273,7 +271,22 @@ class _Pruner:
         self._keep = (scope, keep)  # lets SynFlow's float32 rounds decide when float64 is needed
         scores = [tf.convert_to_tensor(s) for s in self.scores(fast=True)]
         self._keep = None
-        self._alive = self._update_fn(scores, self._alive, [tf.constant(n) for n in keep], scope, threshold_method)
+        update = self._update_function(scores, scope, threshold_method)
+        self._alive = update(scores, self._alive, [tf.constant(n) for n in keep])
+
+    def _update_function(self, scores, scope, threshold_method):
+        # One trace per (score dtype, scope, method): the alive index lists
+        # shrink every round, so their shapes are left unknown up front
+        # (shape-relaxing retraces cost seconds per round on ResNet50).
+        key = (scores[0].dtype, scope, threshold_method)
+        fns = self.__dict__.setdefault("_update_fns", {})
+        if key not in fns:
+            signature = ([tf.TensorSpec(s.shape, s.dtype) for s in scores],
+                         [tf.TensorSpec([None], tf.int32) for _ in scores],
+                         [tf.TensorSpec([], tf.int32) for _ in (scores if scope != "global" else [0])])
+            fns[key] = tf.function(lambda s, a, k: self._update_masks(s, a, k, scope, threshold_method),
+                                   input_signature=signature)
+        return fns[key]
 
     def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
         bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")

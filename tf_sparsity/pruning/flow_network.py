@@ -11,9 +11,15 @@ rule, the **linearization rule**:
   network ReLU is the identity already, so ReLU networks get the scores they
   always had; the others no longer saturate (ReLU6, sigmoid gates) or cancel
   (`R ≡ 1` under a softmax head): the classifier's logits are the output.
-- squeeze-excite gates `x * gate(x)` keep their `Multiply`, with the gate
-  linearized too: the flow through both factors is counted (a product of
-  flows, so the gate's kernels get scores like every other kernel);
+- squeeze-excite gates `x * gate(x)` (any `Multiply`) become the geometric
+  mean `sqrt(x * gate_lin(x))` of the two linearized flows. A plain product
+  would be quadratic in every kernel upstream: each gate would double the
+  degree of the earlier layers, so their scores (Euler: a layer's scores sum
+  to its degree times R) grow 2**16-fold over EfficientNetB0's 16 gates and
+  SynFlow prunes the late layers away (measured: collapse at C = 100). The
+  geometric mean is positively homogeneous of degree 1, so SynFlow's
+  conservation (every layer on all paths scores R in total) holds again,
+  and the gate's own kernels score R / 2;
 - normalization runs in inference mode with |θ| (`BatchNormalization`,
   `Normalization`: `(x - |μ|) * |γ| / sqrt(|σ²| + ε) + |β|`), biases are
   |b|, `Rescaling` is `|scale| * x + |offset|`; pooling, padding, reshapes,
@@ -204,6 +210,20 @@ def _numpy(x):
     return np.asarray(x.numpy() if hasattr(x, "numpy") else x, np.float64)
 
 
+def _geometric_mean(items):
+    """(prod v_i)**(1/n) on scaled tensors; zero (with zero gradient) where a factor is zero."""
+    n = len(items)
+    v, e = items[0]
+    for vi, ei in items[1:]:
+        v, e = v * vi, e + ei
+    positive = v > 0
+    root = tf.where(positive, tf.pow(tf.where(positive, v, tf.ones_like(v)), 1.0 / n), tf.zeros_like(v))
+    e = e / n
+    whole = tf.floor(e)
+    root = root * tf.cast(tf.pow(tf.constant(2.0, tf.float64), e - whole), v.dtype)  # one constant factor
+    return _renormalize(root, whole)
+
+
 def _channel_shape(layer, rank, axis=None):
     shape = [1] * rank
     if axis is None:
@@ -302,10 +322,7 @@ class SynFlowNetwork:
                     for vi, _ in inputs[1:]:
                         v = v + vi
                     return v, inputs[0][1]
-                v, e = inputs[0]
-                for vi, ei in inputs[1:]:
-                    v, e = v * vi, e + ei
-                return _renormalize(v, e)
+                return _geometric_mean(inputs)
             vs, e = _align(inputs)
             if isinstance(layer, L.Concatenate):
                 return tf.concat(vs, axis=layer.axis), e
