@@ -139,6 +139,12 @@ class _Pruner:
                 v.assign(value)
 
     def _loss(self, x, y, temperature=1.0):
+        if temperature != 1.0 and flow_network.softmax_heads(self.model):
+            # Softmax head (keras.applications): the temperature divides the
+            # logits, and the loss sees softmax(logits / T) (issue 18).
+            with flow_network.logits_of(self.model):
+                logits = self.model(x, training=True)
+            return self.loss(y, tf.nn.softmax(logits / temperature))
         return self.loss(y, self.model(x, training=True) / temperature)
 
     def _snip(self):

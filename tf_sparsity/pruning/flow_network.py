@@ -520,3 +520,53 @@ def round_scores(net, masks, fast=True, keep=None):
         net.float64_rounds = getattr(net, "float64_rounds", 0) + 1
         return net.scores(masks, "float64")
     return scores
+
+
+# -- softmax heads for the data methods (GraSP's temperature) ----------------
+
+class logits_of:
+    """Context manager: the model's softmax output layers give their logits.
+
+    GraSP divides the *logits* by its temperature (T = 200); on a
+    keras.applications model whose head is `Dense(..., activation="softmax")`
+    dividing the output would scale probabilities instead. Inside the
+    context every output layer (or the layer inside an output wrapper) with
+    a softmax activation is linear; outside it is restored.
+
+    Args:
+        model: a functional / Sequential model (wrappers allowed).
+
+    >>> import keras, numpy as np
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    >>> with logits_of(m) as heads:
+    ...     z = m(np.ones((1, 3)))
+    >>> len(heads), bool(np.allclose(keras.ops.sum(m(np.ones((1, 3)))), 1.0))
+    (1, True)
+    """
+
+    def __init__(self, model):
+        self.heads = softmax_heads(model)
+
+    def __enter__(self):
+        self._saved = [h.activation for h in self.heads]
+        for h in self.heads:
+            h.activation = keras.activations.linear
+        return self.heads
+
+    def __exit__(self, *exc):
+        for h, a in zip(self.heads, self._saved):
+            h.activation = a
+        return False
+
+
+def softmax_heads(model):
+    """The layers producing `model`'s outputs whose activation is softmax."""
+    _, outputs, nodes = graph_nodes(model)
+    producers = {id(t): n.operation for n in nodes for t in n.outputs}
+    heads = []
+    for t in outputs:
+        layer = producers.get(id(t))
+        layer = getattr(layer, "layer", layer)  # tf_sparsity wrappers
+        if getattr(getattr(layer, "activation", None), "__name__", "") == "softmax":
+            heads.append(layer)
+    return heads
