@@ -123,6 +123,7 @@ def apps(a):
         for method in a.methods:
             start = time.perf_counter()
             pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
+            pruner.reset()  # the masks are shared with the previous method's pruner
             if method != "synflow":
                 cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
                 pruner.scores = lambda fast=False, cached=cached: cached
