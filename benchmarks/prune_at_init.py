@@ -3,6 +3,8 @@
     python benchmarks/prune_at_init.py --part collapse     # critical compression per method (VGG-16-bn, 100 classes)
     python benchmarks/prune_at_init.py --part timing       # wall time of 100 SynFlow rounds on VGG-16-bn
     python benchmarks/prune_at_init.py --part accuracy --seeds 3 --epochs 20
+    python benchmarks/prune_at_init.py --part apps          # keras.applications + VGG: collapse on a grid, both definitions
+    python benchmarks/prune_at_init.py --part apps-timing   # wall time of 100 SynFlow rounds per network
 
 No CIFAR here (no downloads): SNIP and GraSP score on scikit-learn's digits,
 resized to 32x32x3 (real images, 10 of the 100 classes used). SynFlow,
@@ -89,9 +91,90 @@ def accuracy(a):
     return rows
 
 
+APPS = ("vgg16_bn", "ResNet50", "MobileNetV2", "EfficientNetB0")
+
+
+def app_model(name):
+    """keras.applications network (weights=None, 32x32x3, 100 classes, default softmax head) or the zoo VGG."""
+    keras.utils.set_random_seed(0)
+    if name == "vgg16_bn":
+        return tfs.zoo.vgg16_bn()
+    return getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=100)
+
+
+def apps(a):
+    """Collapse of every method on a log10-compression grid: connectivity and per-layer definitions.
+
+    One pruner per network and method; SynFlow runs `--sweep-iterations`
+    rounds per grid point; the one-shot methods score once and threshold
+    those scores at every point. The critical compression on the grid is the
+    largest point below the first collapsed one.
+    """
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    data = digits_32(a.data_size)
+    grid = [round(1 + 0.5 * i, 2) for i in range(int(round((a.max_log10 - 1) / 0.5)) + 1)]
+    rows = {}
+    for name in a.networks:
+        model = app_model(name)
+        masked = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)
+        loss = LOSS if name == "vgg16_bn" else keras.losses.SparseCategoricalCrossentropy()
+        rows[name] = {}
+        for method in a.methods:
+            start = time.perf_counter()
+            pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
+            pruner.reset()  # the masks are shared with the previous method's pruner
+            if method != "synflow":
+                cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
+                pruner.scores = lambda fast=False, cached=cached: cached
+            points = []
+            for log10 in grid:
+                pruner.reset()
+                iterations = a.sweep_iterations if method == "synflow" else 1
+                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "histogram", 0)
+                report = pruner.connectivity()
+                points.append({"log10": log10, "connected": report.connected, "empty": empty,
+                               "cuts": report.cuts, "emptied_branches": len(report.emptied_branches)})
+                print(f"{name} {method} 10^{log10}: connected {report.connected}, {len(empty)} empty "
+                      f"({len(report.emptied_branches)} branches, cuts {report.cuts[:3]})", flush=True)
+
+            def critical(bad):
+                ok = [p["log10"] for p in points[:next((i for i, p in enumerate(points) if bad(p)), len(points))]]
+                return ok[-1] if ok else 0.0
+
+            rows[name][method] = {
+                "critical_connectivity": critical(lambda p: not p["connected"]),
+                "critical_layer": critical(lambda p: bool(p["empty"])),
+                "seconds": time.perf_counter() - start, "points": points}
+            print(f"{name} {method}: critical 10^{rows[name][method]['critical_connectivity']} (connectivity), "
+                  f"10^{rows[name][method]['critical_layer']} (per layer), "
+                  f"{rows[name][method]['seconds']:.0f} s", flush=True)
+    return rows
+
+
+def apps_timing(a):
+    rows = {}
+    for name in a.networks:
+        model = app_model(name)
+        times = []
+        for _ in range(a.repeats):
+            start = time.perf_counter()
+            tfs.prune_at_init(model, "synflow", compression=a.timing_compression, iterations=100, verbose=0,
+                              on_collapse="ignore")
+            times.append(time.perf_counter() - start)
+            print(f"{name}: 100 SynFlow rounds incl. wrapping {times[-1]:.1f} s", flush=True)
+        rows[name] = {"seconds": times, "median": float(np.median(times))}
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["collapse", "timing", "accuracy"], required=True)
+    p.add_argument("--part", choices=["collapse", "timing", "accuracy", "apps", "apps-timing"], required=True)
+    p.add_argument("--networks", nargs="+", default=list(APPS))
+    p.add_argument("--max-log10", type=float, default=4.0, help="apps: grid 10^1 .. 10^max by half-decades")
+    p.add_argument("--sweep-iterations", type=int, default=100, help="apps: SynFlow rounds per grid point")
+    p.add_argument("--data-size", type=int, default=256, help="apps: digits images SNIP/GraSP score on")
+    p.add_argument("--timing-compression", type=float, default=100.0)
     p.add_argument("--methods", nargs="+", default=list(tfs.pruning.METHODS))
     p.add_argument("--tolerance", type=float, default=0.05)
     p.add_argument("--repeats", type=int, default=3)
@@ -100,8 +183,9 @@ def main():
     p.add_argument("--compressions", type=float, nargs="+", default=[10, 100])
     p.add_argument("--out", help="result file (default benchmarks/results/prune_at_init_<part>.json)")
     a = p.parse_args()
-    result = {"collapse": collapse, "timing": timing, "accuracy": accuracy}[a.part](a)
-    out = pathlib.Path(a.out) if a.out else HERE / "results" / f"prune_at_init_{a.part}.json"
+    result = {"collapse": collapse, "timing": timing, "accuracy": accuracy, "apps": apps,
+              "apps-timing": apps_timing}[a.part](a)
+    out = pathlib.Path(a.out) if a.out else HERE / "results" / f"prune_at_init_{a.part.replace('-', '_')}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "result": result}, indent=1))
 

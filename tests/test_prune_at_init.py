@@ -102,7 +102,10 @@ def test_synflow_float32_rounds_rescale_scores_by_one_constant():
 
 
 @pytest.mark.parametrize("change", ["sigmoid", "bias"])
-def test_synflow_falls_back_to_float64_when_not_homogeneous(change):
+def test_synflow_float32_covers_non_homogeneous_networks(change):
+    # Issue 18: sigmoid (linearized) and nonzero biases run in float32 through
+    # the flow network's power-of-two rescaling; the scores are float64's
+    # times one constant.
     from tf_sparsity.pruning.at_init import _Pruner
 
     model = bn_cnn()
@@ -112,8 +115,26 @@ def test_synflow_falls_back_to_float64_when_not_homogeneous(change):
     else:
         model.get_layer("fc").bias.assign(np.full(32, 0.1, "float32"))
     pruner = _Pruner(tfs.surgery.wrap_prunable(model, tfs.layers.Masked), "synflow", None, None, 0)
-    assert not pruner.synflow_fast
+    assert pruner.synflow_fast
+    fast = np.concatenate([np.asarray(a).ravel() for a in pruner.scores(fast=True)])
+    exact = np.concatenate([np.asarray(a).ravel() for a in pruner.scores(fast=False)])
+    assert fast.dtype == np.float32 and exact.dtype == np.float64
+    ratio = fast[exact > 0] / exact[exact > 0]
+    np.testing.assert_allclose(ratio, np.median(ratio), rtol=1e-5)
+
+
+def test_synflow_generic_path_for_unsupported_layers():
+    # LayerNormalization is outside the flow network: the generic float64 path
+    # on a linearized copy.
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    inputs = keras.Input((8,))
+    x = L.LayerNormalization()(L.Dense(8, activation="sigmoid")(inputs))
+    model = keras.Model(inputs, L.Dense(4)(x))
+    pruner = _Pruner(tfs.surgery.wrap_prunable(model, tfs.layers.Masked), "synflow", None, None, 0)
+    assert pruner._flow is None and not pruner.synflow_fast
     assert pruner.scores(fast=True)[0].dtype == tf.float64
+    assert tfs.pruning.flow_network.unsupported_layers(model)[0].endswith("(LayerNormalization)")
 
 
 @pytest.mark.slow

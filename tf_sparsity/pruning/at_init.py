@@ -12,6 +12,7 @@ from tf_sparsity import prunable, surgery
 from tf_sparsity.budget import resolve_budget
 from tf_sparsity.collapse import LayerCollapseWarning, check_on_collapse, report_collapse  # noqa: F401
 from tf_sparsity.layers.masked import Masked
+from tf_sparsity.pruning import connectivity, flow_network
 
 METHODS = ("synflow", "snip", "grasp", "magnitude", "random")
 DATA_METHODS = ("snip", "grasp")
@@ -45,7 +46,7 @@ _HOMOGENEOUS_LAYERS = (
     "SeparableConv1D", "SeparableConv2D", "BatchNormalization", "ReLU", "MaxPooling1D", "MaxPooling2D",
     "MaxPooling3D", "AveragePooling1D", "AveragePooling2D", "AveragePooling3D", "GlobalAveragePooling1D",
     "GlobalAveragePooling2D", "GlobalAveragePooling3D", "GlobalMaxPooling1D", "GlobalMaxPooling2D",
-    "GlobalMaxPooling3D", "Flatten", "Reshape", "Dropout", "Add", "Concatenate", "ZeroPadding1D",
+    "GlobalMaxPooling3D", "Flatten", "Reshape", "Dropout", "ZeroPadding1D",
     "ZeroPadding2D", "Activation", "Identity",
 )
 _OFFSETS = ("bias", "beta", "moving_mean")  # must be zero for homogeneity
@@ -94,6 +95,7 @@ class _Pruner:
         self.kernels = [k for w in self.wrappers for k in w.kernels]
         self.masks = [m for w in self.wrappers for m in w.masks]
         self.owner = [w.layer.name for w in self.wrappers for _ in w.kernels]
+        self.kernel_keys = [(w.layer.name, i) for w in self.wrappers for i in range(len(w.kernels))]
         self.data, self.seed = data, seed
         self.loss = keras.losses.get(loss) if isinstance(loss, str) else loss
         self._rng = np.random.default_rng(seed)
@@ -124,6 +126,12 @@ class _Pruner:
                 v.assign(value)
 
     def _loss(self, x, y, temperature=1.0):
+        if temperature != 1.0 and flow_network.softmax_heads(self.model):
+            # Softmax head (keras.applications): the temperature divides the
+            # logits, and the loss sees softmax(logits / T) (issue 18).
+            with flow_network.logits_of(self.model):
+                logits = self.model(x, training=True)
+            return self.loss(y, tf.nn.softmax(logits / temperature))
         return self.loss(y, self.model(x, training=True) / temperature)
 
     def _snip(self):
@@ -167,8 +175,14 @@ class _Pruner:
         # unit mean fan-in sum, the same ranking at ~3x the speed.
         plain = surgery.strip(self.model)
         self._synflow_fns = {}
+        self._plain = plain
+        # Issue 18: the linearized flow network with exact power-of-two
+        # rescaling (any architecture it supports runs in float32).
+        self._flow = flow_network.flow_network_or_none(plain, self.kernel_keys)
+        if self._flow is None:  # generic path on a linearized copy
+            plain = flow_network.linearized(plain)
         self._synflow_plain = plain
-        self.synflow_fast = _homogeneous(plain)
+        self.synflow_fast = self._flow is not None or _homogeneous(plain)
 
     def _synflow_fn(self, dtype):
         if dtype in self._synflow_fns:
@@ -210,6 +224,8 @@ class _Pruner:
         return score
 
     def _synflow(self, fast=False):
+        if self._flow is not None:
+            return flow_network.round_scores(self._flow, self.masks, fast, getattr(self, "_keep", None))
         dtype = "float32" if fast and self.synflow_fast else "float64"
         _, scores = self._synflow_fn(dtype)(list(self.masks))
         return scores
@@ -239,14 +255,29 @@ class _Pruner:
 
     def step(self, density, scope="global", threshold_method="histogram"):
         """One round: score, then keep `density` of the weights (masks only shrink)."""
-        if not hasattr(self, "_update_fn"):
-            self._update_fn = tf.function(self._update_masks, reduce_retracing=True)
         if getattr(self, "_alive", None) is None:
             self._alive = [tf.cast(tf.where(tf.reshape(m, [-1]) > 0)[:, 0], tf.int32) for m in self.masks]
         sizes = [int(np.prod(k.shape)) for k in self.kernels]
         keep = [int(round(density * sum(sizes)))] if scope == "global" else [int(round(density * n)) for n in sizes]
+        self._keep = (scope, keep)  # lets SynFlow's float32 rounds decide when float64 is needed
         scores = [tf.convert_to_tensor(s) for s in self.scores(fast=True)]
-        self._alive = self._update_fn(scores, self._alive, [tf.constant(n) for n in keep], scope, threshold_method)
+        self._keep = None
+        update = self._update_function(scores, scope, threshold_method)
+        self._alive = update(scores, self._alive, [tf.constant(n) for n in keep])
+
+    def _update_function(self, scores, scope, threshold_method):
+        # One trace per (score dtype, scope, method): the alive index lists
+        # shrink every round, so their shapes are left unknown up front
+        # (shape-relaxing retraces cost seconds per round on ResNet50).
+        key = (scores[0].dtype, scope, threshold_method)
+        fns = self.__dict__.setdefault("_update_fns", {})
+        if key not in fns:
+            signature = ([tf.TensorSpec(s.shape, s.dtype) for s in scores],
+                         [tf.TensorSpec([None], tf.int32) for _ in scores],
+                         [tf.TensorSpec([], tf.int32) for _ in (scores if scope != "global" else [0])])
+            fns[key] = tf.function(lambda s, a, k: self._update_masks(s, a, k, scope, threshold_method),
+                                   input_signature=signature)
+        return fns[key]
 
     def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
         bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")
@@ -255,6 +286,13 @@ class _Pruner:
             self.step(d, scope, threshold_method)
             bar.update(k, values=[("density", d)])
         return self.collapsed()
+
+    def connectivity(self):
+        """`tfs.pruning.connectivity.ConnectivityReport` of the current masks."""
+        if getattr(self, "_checker", None) is None:
+            plain = getattr(self, "_plain", None) or surgery.strip(self.model)
+            self._checker = connectivity.Checker(plain, self.kernel_keys)
+        return self._checker.check([m.numpy() for m in self.masks])
 
     def collapsed(self):
         alive = {}
@@ -273,14 +311,14 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
     rounding). Methods:
 
     - "synflow": `|theta * dR/dtheta|` with `R = sum(f_|theta|(1))` -- the
-      network with all parameters made positive, on an all-ones input,
-      normalization layers in inference mode. No data. Iterative: 100
-      rounds by default, density `rho ** (k / n)`. Computed in float64, or
-      -- when the |theta| network is positively homogeneous (ReLU-like
-      layers, zero biases and BN offsets, as at Keras' default init) -- in
-      float32 with every kernel rescaled to unit mean fan-in sum, which
-      multiplies all scores by one constant and so keeps the ranking exact
-      while avoiding overflow.
+      *linearized* network with all parameters made positive (every
+      activation the identity, softmax heads dropped: R is a sum of
+      logits), on an all-ones input, normalization layers in inference
+      mode. No data. Iterative: 100 rounds by default, density
+      `rho ** (k / n)`. Rounds run in float32 with exact power-of-two
+      rescaling of every tensor (`tfs.pruning.flow_network`), in float64
+      when float32 could rank differently; models with layers outside its
+      set run a generic float64 path (float32 when positively homogeneous).
     - "snip": `|w * dL/dw|` on `data` (normalization in training mode).
     - "grasp": `w * (H g)` (keeps the largest) on `data`, logits / 200.
     - "magnitude": `|w|`; "random": uniform scores (seeded). Both data-free.
@@ -295,8 +333,11 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
         scope: "global" (one threshold over all layers) or "layerwise".
         data, loss: `(x, y)` and a Keras loss, for SNIP and GraSP.
         skip: layer names / classes / predicate to leave dense.
-        on_collapse: "warn" (default), "raise" or "ignore" when a layer
-            loses every weight (layer collapse).
+        on_collapse: "warn" (default), "raise" or "ignore" on layer
+            collapse: the output no longer depends on the input through the
+            alive weights (`tfs.pruning.connectivity`). Emptied residual
+            branches / gates of a connected network give an
+            `EmptiedBranchWarning` instead (not raised).
         threshold_method: "histogram" (exact, fast) or "exact" top-k.
         verbose: 1 shows a progress bar over rounds, 0 is silent.
 
@@ -313,7 +354,8 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
         iterations = 100 if method == "synflow" else 1
     masked = surgery.wrap_prunable(model, Masked, skip=skip)
     pruner = _Pruner(masked, method, data, loss, seed)
-    collapsed = pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
+    pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
+    collapsed = connectivity.collapse_names(pruner.connectivity(), method, 1 / density, on_collapse)
     for wrapper in pruner.wrappers:
         wrapper.set_masks([m.numpy() for m in wrapper.masks], zero_weights=True)
     if collapsed:
@@ -341,18 +383,27 @@ def scores(model, method="synflow", data=None, loss=None, skip=None, seed=0):
 
 
 def critical_compression(model, method="synflow", tolerance=0.05, max_log10=None, iterations=None,
-                         verbose=0, **kwargs):
-    """Largest log10 compression at which `method` leaves every prunable layer alive.
+                         verbose=0, collapse="connectivity", **kwargs):
+    """Largest log10 compression at which `method` does not collapse the network.
 
     Bisection on log10(compression) between 0 and `max_log10` (default:
     log10 of the number of prunable weights), to within `tolerance`. Other
     arguments go to the scorer as in `prune_at_init`.
+
+    Args:
+        collapse: "connectivity" (default): collapsed when the output no
+            longer depends on the input through the alive weights
+            (`tfs.pruning.connectivity`; emptied residual branches are not
+            collapse); "layer": when any prunable layer has no weight left
+            (the SynFlow paper's definition, for its VGG figures).
 
     >>> tfs.pruning.critical_compression(tfs.zoo.mnist1d_cnn(), "magnitude")  # doctest: +SKIP
     2.9
     """
     if not tolerance > 0:
         raise ValueError(f"`tolerance` must be > 0; received {tolerance!r}.")
+    if collapse not in ("connectivity", "layer"):
+        raise ValueError(f"`collapse` must be 'connectivity' or 'layer'; received {collapse!r}.")
     _check_args(method, 10.0, None, iterations, "exponential", "global", kwargs.get("data"),
                 kwargs.get("loss"), "ignore")
     masked = surgery.wrap_prunable(model, Masked, skip=kwargs.pop("skip", None))
@@ -366,7 +417,8 @@ def critical_compression(model, method="synflow", tolerance=0.05, max_log10=None
     while hi - lo > tolerance:
         mid = 0.5 * (lo + hi)
         pruner.reset()
-        if pruner.prune(10.0 ** -mid, iterations, "exponential", "global", threshold_method, verbose):
+        layer_collapse = pruner.prune(10.0 ** -mid, iterations, "exponential", "global", threshold_method, verbose)
+        if pruner.connectivity().collapsed if collapse == "connectivity" else layer_collapse:
             hi = mid
         else:
             lo = mid
