@@ -17,7 +17,8 @@ from keras.src.saving import serialization_lib as _serialization_lib
 __all__ = [
     "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
-    "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights",
+    "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_nodes",
+    "is_graph_model",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -95,3 +96,37 @@ def per_tensor_int8_dense_weights(converter):
     multiplier per op, not per channel): a private converter attribute, TF 2.21.
     Used by the recurrent step form."""
     converter._experimental_disable_per_channel_quantization_for_dense_layers = True
+
+
+def graph_nodes(model):
+    """`(inputs, outputs, nodes)` of `model`'s layer graph, nodes in execution order
+    (private `_functional`, `_nodes_by_depth`; Keras 3.15). Used by SynFlow's flow
+    network and the connectivity check.
+
+    Each node has `.operation`, `.input_tensors` and `.outputs` (Keras 3).
+    Sequential models are read through their functional graph.
+
+    Args:
+        model: a built functional or Sequential Keras model.
+
+    >>> import keras
+    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    >>> [n.operation.name for n in graph_nodes(m)[2]]
+    ['d']
+    """
+    if isinstance(model, keras.Sequential):
+        if getattr(model, "_functional", None) is None:
+            raise ValueError(f"Sequential model '{model.name}' must be built with an Input.")
+        model = model._functional
+    nodes = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            nodes.append(node)
+    return list(model.inputs), list(model.outputs), nodes
+
+
+def is_graph_model(layer):
+    """True for functional and Sequential models (whose graph `graph_nodes` reads)."""
+    return isinstance(layer, REBUILDABLE_MODELS)

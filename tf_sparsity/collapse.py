@@ -8,7 +8,7 @@ training only, "stop" (warn and end `fit`).
 
 import warnings
 
-__all__ = ["LayerCollapseError", "LayerCollapseWarning", "ON_COLLAPSE", "check_on_collapse", "report_collapse"]
+__all__ = ["EmptiedBranchWarning", "LayerCollapseError", "LayerCollapseWarning", "ON_COLLAPSE", "check_on_collapse", "report_collapse"]
 
 ON_COLLAPSE = ("warn", "raise", "ignore", "stop")
 
@@ -22,6 +22,11 @@ class LayerCollapseError(RuntimeError, ValueError):
 
 class LayerCollapseWarning(RuntimeWarning):
     """A layer's prunable kernels became entirely zero."""
+
+
+class EmptiedBranchWarning(UserWarning):
+    """Pruning emptied a residual branch or gate; the network stays connected
+    (`tf_sparsity.pruning.connectivity` tells the two apart)."""
 
 
 def check_on_collapse(on_collapse, training=True):

@@ -27,12 +27,10 @@ import warnings
 
 import numpy as np
 
+from tf_sparsity import _compat
 from tf_sparsity import prunable, surgery
+from tf_sparsity.collapse import EmptiedBranchWarning  # noqa: F401  (re-exported)
 from tf_sparsity.pruning import flow_network
-
-
-class EmptiedBranchWarning(UserWarning):
-    """Pruning emptied a residual branch or gate; the network stays connected."""
 
 
 @dataclasses.dataclass
@@ -86,14 +84,14 @@ def structural_cuts(model):
 
 
 def _layer_graph(model, graph=None, prefix_inputs=None):
-    inputs, outputs, nodes = flow_network.graph_nodes(model)
+    inputs, outputs, nodes = _compat.graph_nodes(model)
     producers, edges, prunable_names = {}, [], []
     for i, node in enumerate(nodes):
         for t in node.outputs:
             producers[id(t)] = i
     for i, node in enumerate(nodes):
         op = node.operation
-        if flow_network.is_graph_model(op):
+        if _compat.is_graph_model(op):
             inner = [l.name for l in prunable.iter_layers(op) if prunable.is_prunable(l)]
         else:
             inner = [op.name] if prunable.is_prunable(op) else []

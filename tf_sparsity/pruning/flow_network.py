@@ -48,45 +48,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tf_sparsity import _compat
 from tf_sparsity import prunable, surgery
 
 L = keras.layers
-
-
-# COMPAT: the node graph of a functional / Sequential model (private Keras
-# attributes: `_functional`, `_nodes_by_depth`, `_inbound_nodes`). The only
-# place in this module that touches Keras internals.
-def graph_nodes(model):
-    """`(inputs, outputs, nodes)` of `model`'s layer graph, nodes in execution order.
-
-    Each node has `.operation`, `.input_tensors` and `.outputs` (Keras 3).
-    Sequential models are read through their functional graph.
-
-    Args:
-        model: a built functional or Sequential Keras model.
-
-    >>> import keras
-    >>> m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
-    >>> [n.operation.name for n in graph_nodes(m)[2]]
-    ['d']
-    """
-    if isinstance(model, keras.Sequential):
-        if getattr(model, "_functional", None) is None:
-            raise ValueError(f"Sequential model '{model.name}' must be built with an Input.")
-        model = model._functional
-    nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.operation is None or node.is_input:
-                continue
-            nodes.append(node)
-    return list(model.inputs), list(model.outputs), nodes
-
-
-# COMPAT: Keras' functional model class (private module path).
-def is_graph_model(layer):
-    """True for functional and Sequential models (whose graph `graph_nodes` reads)."""
-    return isinstance(layer, (keras.Sequential, keras.src.models.Functional))
 
 
 # -- the linearization rule as layer classes --------------------------------
@@ -122,7 +87,7 @@ def unsupported_layers(model):
     """
     out = []
     for layer in _operations(model):
-        if is_graph_model(layer):
+        if _compat.is_graph_model(layer):
             out += unsupported_layers(layer)
         elif isinstance(layer, L.InputLayer):
             continue
@@ -139,7 +104,7 @@ def unsupported_layers(model):
 
 def _operations(model):
     try:
-        return [n.operation for n in graph_nodes(model)[2]]
+        return [n.operation for n in _compat.graph_nodes(model)[2]]
     except (AttributeError, ValueError):
         return list(model.layers)
 
@@ -284,7 +249,7 @@ class SynFlowNetwork:
     def _cache_values(self, model):
         # Parameter values are read once, eagerly (the graph is traced later).
         for layer in _operations(model):
-            if is_graph_model(layer):
+            if _compat.is_graph_model(layer):
                 self._cache_values(layer)
                 continue
             for v in layer.weights:
@@ -313,7 +278,7 @@ class SynFlowNetwork:
     def _apply(self, layer, inputs, ws, dtype):
         """One layer on scaled inputs [(v, e), ...] -> (v, e)."""
         reach = self.mode == "reach"
-        if is_graph_model(layer):
+        if _compat.is_graph_model(layer):
             return self._run(layer, inputs, ws, dtype)[0]
         if isinstance(layer, _MERGE):
             if isinstance(layer, L.Multiply):
@@ -386,7 +351,7 @@ class SynFlowNetwork:
         return _renormalize(y, e)
 
     def _run(self, model, inputs, ws, dtype):
-        model_inputs, model_outputs, nodes = graph_nodes(model)
+        model_inputs, model_outputs, nodes = _compat.graph_nodes(model)
         values = {id(t): x for t, x in zip(model_inputs, inputs)}
         for node in nodes:
             args = [values[id(t)] for t in node.input_tensors]
@@ -398,7 +363,7 @@ class SynFlowNetwork:
     def forward(self, ws, dtype=tf.float32):
         """Scaled outputs [(v, e)] of the flow network for kernel tensors `ws`."""
         inputs = [(tf.ones([1, *t.shape[1:]], dtype), tf.constant(0.0, tf.float64))
-                  for t in graph_nodes(self.model)[0]]
+                  for t in _compat.graph_nodes(self.model)[0]]
         return self._run(self.model, inputs, ws, dtype)
 
     def _fn(self, dtype):
@@ -561,7 +526,7 @@ class logits_of:
 
 def softmax_heads(model):
     """The layers producing `model`'s outputs whose activation is softmax."""
-    _, outputs, nodes = graph_nodes(model)
+    _, outputs, nodes = _compat.graph_nodes(model)
     producers = {id(t): n.operation for n in nodes for t in n.outputs}
     heads = []
     for t in outputs:
