@@ -15,7 +15,7 @@ from keras.src.ops.function import Function as _Function
 from keras.src.saving import serialization_lib as _serialization_lib
 
 __all__ = [
-    "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
+    "Functional", "graph_nodes", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
     "all_reduce_sum_gradients",
 ]
@@ -49,6 +49,20 @@ def unsafe_deserialization():
 def inbound_node_count(layer):
     """How many times `layer` is called in the graph (shared layers: > 1). Keras 3.12-3.15."""
     return len(layer._inbound_nodes)
+
+
+def graph_nodes(model):
+    """`(operation, input tensors, output tensors)` of every call in `model`'s
+    graph, inputs first (topological order); a Sequential model through its
+    functional graph. Keras 3.12-3.15 (`_nodes_by_depth`, `_functional`)."""
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    if graph is None:
+        raise ValueError(f"`model` '{model.name}' has no graph: give it an `Input`.")
+    out = []
+    for depth in sorted(graph._nodes_by_depth, reverse=True):
+        for node in graph._nodes_by_depth[depth]:
+            out.append((node.operation, list(node.input_tensors), list(node.output_tensors)))
+    return out
 
 
 def outbound_operations(layer):
