@@ -266,29 +266,78 @@ def _imitate(student, teacher, x, steps, batch_size, seed):
     student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
 
 
-def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
-    """Baseline: keep each layer's channels with the largest L1 kernel norm (Li et al. 2017).
-
-    Same budgets, same surgery and same optional imitation fine-tune as
-    `greedy_prune`, no re-weighting.
-
-    >>> small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_cnn(), width=0.5)  # doctest: +SKIP
-    """
+def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed):
+    """Shared path of the group-wise baselines: score units, meet the budget, cut, fine-tune."""
     width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
     if width is None and flops is None:
         raise ValueError("Pass a budget: `width` or `flops` (a fraction in (0, 1)).")
-    chains, _ = surgery.channel_chains(model)
-    if not chains:
-        raise ValueError("`model` has no layer whose channels can be removed.")
-    budgets = _budgets(model, chains, width, flops)
-    keep = {}
-    for name, chain in chains.items():
-        kernel = np.abs(ops.convert_to_numpy(chain.layer.kernel))
-        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
-        keep[name] = np.sort(np.argsort(-norms, kind="stable")[: budgets[name]])
-    pruned = surgery.prune_channels(model, keep)
+    if width is not None and flops is not None:
+        raise ValueError("Pass at most one budget: `width` or `flops`.")
+    groups = surgery.channel_groups(model)
+    scores = {name: score(group) for name, group in groups.prunable().items()}
+    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops)
+    pruned = surgery.prune_groups(model, keep, groups)
     if finetune_steps:
         if data is None:
             raise ValueError("`data` is required for `finetune_steps`.")
         _imitate(pruned, model, _inputs_of(data, model), finetune_steps, batch_size, seed)
     return pruned
+
+
+def group_l1_scores(group):
+    """Per-unit L1 norm of a group's producer filters, summed over its layers (each
+    layer's norms divided by their mean, so wide and narrow layers weigh alike)."""
+    total = np.zeros(group.size)
+    for layer, channels in group.producers:
+        kernel = np.abs(ops.convert_to_numpy(layer.kernel))
+        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)[channels]
+        total += norms / max(float(norms.mean()), 1e-30)
+    return total
+
+
+def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+    """Baseline: keep the channels with the largest L1 kernel norm (Li et al. 2017).
+
+    Channels are removed by dependency group (`tfs.surgery.channel_groups`):
+    channels tied by residual adds, depthwise convolutions, concatenations or
+    squeeze-excite go together, scored by the summed norms of their filters.
+    Every prunable group keeps the same fraction (`width`, or for `flops`
+    the largest uniform width within that fraction of the dense MACs).
+
+    Args:
+        model: built Sequential / functional model.
+        width: fraction of channels kept per group.
+        flops: fraction of the dense MACs to keep (`tfs.summary(...).flops`).
+        data: `x` or `(x, y)`, needed with `finetune_steps`.
+        finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+
+    Example:
+
+    >>> small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_cnn(), flops=0.5)
+    >>> round(tfs.summary(small, print_fn=None).flops / tfs.summary(tfs.zoo.mnist1d_cnn(), print_fn=None).flops, 1)
+    0.5
+    """
+    return _prune_by_group_scores(model, group_l1_scores, width, flops, data, finetune_steps,
+                                  batch_size, seed)
+
+
+def random_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+    """Baseline: keep random channels of every dependency group (same budgets as `l1_norm_prune`).
+
+    Args:
+        model: built Sequential / functional model.
+        width: fraction of channels kept per group.
+        flops: fraction of the dense MACs to keep.
+        data: `x` or `(x, y)`, needed with `finetune_steps`.
+        finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+        seed: seeds the choice and the fine-tune.
+
+    Example:
+
+    >>> small = tfs.pruning.random_prune(tfs.zoo.mnist1d_cnn(), width=0.5)
+    >>> [l.filters for l in small.layers if isinstance(l, keras.layers.Conv1D)]
+    [16, 16, 16]
+    """
+    rng = np.random.default_rng(seed)
+    return _prune_by_group_scores(model, lambda group: rng.random(group.size), width, flops, data,
+                                  finetune_steps, batch_size, seed)

@@ -18,13 +18,13 @@ from tf_sparsity.surgery.graph import (
     wrap_prunable,
     wrappers,
 )
-from tf_sparsity.surgery.group_surgery import group_macs, prune_groups, uniform_keep
+from tf_sparsity.surgery.group_surgery import group_macs, keep_for_budget, prune_groups, uniform_keep
 from tf_sparsity.surgery.groups import ChannelGroup, ChannelGroups, channel_groups
 from tf_sparsity.surgery.strip import strip
 
 __all__ = [
     "CHANNEL_PRUNABLE", "ChannelChain", "ChannelGroup", "ChannelGroups", "channel_chains",
-    "channel_groups", "group_macs", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
+    "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
     "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",
     "resolve_skip", "strip", "transfer_weights", "wrap_prunable", "wrappers",
 ]

@@ -2,8 +2,9 @@
 
 `prune_groups` removes units of `groups.channel_groups(model)` from every
 layer they touch; `group_macs` counts the MACs a choice of units leaves,
-without building anything (what budget searches call); `minimal_keep`
-keeps one unit per prunable group.
+without building anything (what budget searches call); `uniform_keep` and
+`keep_for_budget` turn a `width` / `flops` budget and per-unit scores into
+a choice of units.
 """
 
 import numpy as np
@@ -13,7 +14,7 @@ from tf_sparsity.summarize import summary
 from tf_sparsity.surgery.graph import map_layers
 from tf_sparsity.surgery.groups import channel_groups
 
-__all__ = ["group_macs", "prune_groups", "uniform_keep"]
+__all__ = ["group_macs", "keep_for_budget", "prune_groups", "uniform_keep"]
 
 
 def _check_keep(groups, keep):
@@ -31,7 +32,7 @@ def _check_keep(groups, keep):
             raise ValueError(f"`keep['{name}']` must hold indices in [0, {group.size}).")
 
 
-def group_macs(groups, keep, _cache={}):
+def group_macs(groups, keep):
     """MACs per example of the model after keeping `keep` (no model is built).
 
     Args:
@@ -46,12 +47,11 @@ def group_macs(groups, keep, _cache={}):
     >>> int(tfs.surgery.group_macs(g, {})), int(tfs.surgery.group_macs(g, {m.layers[0].name: [0, 1]}))
     (48, 12)
     """
-    key = id(groups)
-    if _cache.get("key") != key:
+    rows = getattr(groups, "_layer_macs", None)
+    if rows is None:  # the dense count per layer, once per analysis
         rows = {r.name: r.flops or 0 for r in summary(groups.model, print_fn=None).layers}
-        _cache.clear()
-        _cache.update(key=key, rows=rows, total=sum(rows.values()), groups=groups)
-    rows, total = _cache["rows"], _cache["total"]
+        groups._layer_macs = rows
+    total = sum(rows.values())
     masks = groups.keep_masks(keep)
     for layer, kind, _, _ in groups.layers.values():
         if kind not in ("producer", "depthwise") or not rows.get(layer.name):
@@ -161,3 +161,51 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
         new.set_weights(weights)
 
     return map_layers(model, replace, transfer=transfer)
+
+
+def keep_for_budget(groups, scores, width=None, flops=None):
+    """The units to keep for a `width` or `flops` budget, best `scores` first.
+
+    Args:
+        groups: `channel_groups(model)`.
+        scores: `{group name: per-unit scores}` for every prunable group.
+        width: fraction of every prunable group's channels kept.
+        flops: fraction of the dense MACs: the largest uniform width whose
+            MACs stay within it (bisection on the exact count).
+
+    Raises a `ValueError` when no prunable group exists or the frozen
+    channels make `flops` unreachable (naming them and the smallest MACs).
+
+    Example:
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"), keras.layers.Dense(2)])
+    >>> g = tfs.surgery.channel_groups(m)
+    >>> keep = tfs.surgery.keep_for_budget(g, {"h": np.arange(8.0)}, flops=0.5)
+    >>> [int(i) for i in keep["h"]]
+    [4, 5, 6, 7]
+    """
+    prunable = groups.prunable()
+    if not prunable:
+        raise ValueError("`model` has no channel group that can lose channels; frozen: "
+                         f"{groups.frozen or {n: g.frozen for n, g in groups.groups.items()}}.")
+    if width is not None:
+        return uniform_keep(groups, width, scores)
+    dense = group_macs(groups, {})
+    smallest = group_macs(groups, uniform_keep(groups, 0.0)) / dense
+    if flops < smallest:
+        frozen = {n: g.frozen for n, g in groups.groups.items() if g.frozen}
+        raise ValueError(
+            f"`flops={flops}` is below the smallest reachable MACs ({smallest:.3f} of dense, one "
+            f"channel per group); frozen groups: {frozen or 'none'}; frozen layers: "
+            f"{groups.frozen or 'none'}.")
+    lo, hi = 0.0, 1.0
+    best = uniform_keep(groups, 0.0, scores)
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        keep = uniform_keep(groups, mid, scores)
+        if group_macs(groups, keep) / dense > flops:
+            hi = mid
+        else:
+            lo, best = mid, keep
+    return best
