@@ -18,7 +18,9 @@ Units with the same producer layers form a `ChannelGroup` (the DepGraph
 group: one residual stream, one expansion, one plain conv). Units are
 *frozen* where they reach the model's inputs or outputs, or touch an
 operation the analysis does not know (its name and the reason are in
-`ChannelGroups.frozen`).
+`ChannelGroups.frozen`). Layers inside nested models are grouped like the
+others, but a nested model's own inputs keep their channels (its `Input`
+shape is fixed when the model is cloned).
 
 The surgery itself (`prune_groups`) and the MACs count live in `group_surgery`.
 """
@@ -216,6 +218,8 @@ class _Analysis:
                     self.unknown(op, inputs, outputs, "nested model called more than once")
                     continue
                 for outer, inner in zip(in_atoms, op.inputs):
+                    # Cloning keeps a nested model's Input shape: its channels stay.
+                    self.freeze(outer, f"input of nested model '{op.name}'", f"{op.name} (input)")
                     self.atoms[id(inner)] = outer
                 self.graph(op)
                 for outer, inner in zip(outputs, op.outputs):
