@@ -1,11 +1,11 @@
 """Model-level pruning methods, one file per paper."""
 
 from tf_sparsity.pruning.at_init import METHODS, critical_compression, prune_at_init, scores
-from tf_sparsity.pruning.greedy import greedy_prune, l1_norm_prune, random_prune
+from tf_sparsity.pruning.greedy import greedy_groups, greedy_prune, l1_norm_prune, random_prune
 from tf_sparsity.pruning.str import soft_threshold
 
 __all__ = [
-    "METHODS", "critical_compression", "greedy_prune", "l1_norm_prune", "prune_at_init", "random_prune",
+    "METHODS", "critical_compression", "greedy_groups", "greedy_prune", "l1_norm_prune", "prune_at_init", "random_prune",
     "scores",
     "soft_threshold",
 ]

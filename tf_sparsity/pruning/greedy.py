@@ -13,7 +13,7 @@ from keras import ops
 from tf_sparsity import _compat, surgery
 from tf_sparsity.summarize import summary
 
-OBJECTIVES = ("local", "global", "auto")
+OBJECTIVES = ("local", "global", "auto", "reconstruction")
 
 
 def _check_fraction(name, value):
@@ -186,7 +186,12 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
       layer's weights) and a bias correction for the removed ones;
     - "global": match the network's final output (MSE to the original);
     - "auto": run both per layer and keep whichever needs fewer channels
-      (at equal count, the lower final-output error).
+      (at equal count, the lower final-output error);
+    - "reconstruction": "local" over channel dependency groups
+      (`tfs.surgery.channel_groups`): residual-tied, depthwise, concatenated
+      and squeeze-excite channels are selected as one unit, reconstructing
+      every consumer's pre-activation at once (each consumer weighted
+      alike). Works on keras.applications networks; see `greedy_groups`.
 
     Selection stops when the objective's relative error falls to `tolerance`
     or the layer reaches its budget: `width` (fraction of channels per
@@ -218,6 +223,15 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         raise ValueError(f"`candidates` must be an integer >= 1; received {candidates!r}.")
     surgery.check_model(model)
     x = _inputs_of(data, model)
+    if objective == "reconstruction":
+        if width is None and flops is None:
+            width = 1.0 - 1e-9
+        current, report = greedy_groups(model, x[:batch_size], width=width, flops=flops,
+                                        tolerance=tolerance, candidates=candidates, seed=seed,
+                                        verbose=verbose)
+        if finetune_steps:
+            _imitate(current, model, x, finetune_steps, batch_size, seed)
+        return (current, report) if return_report else current
     batch = x[:batch_size]
     chains, left_alone = surgery.channel_chains(model)
     if not chains:
@@ -254,6 +268,109 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
     if finetune_steps:
         _imitate(current, model, x, finetune_steps, batch_size, seed)
     return (current, report) if return_report else current
+
+
+def _unit_contributions(h, layer, rows, max_elements=20_000_000):
+    """Each unit's contribution to `layer`'s pre-activation, `(units, samples, outputs)`.
+
+    `rows[k]` are the input rows (channels, or flattened positions x
+    channels for a Dense after Flatten) fed by unit `k`.
+    """
+    kernel = ops.convert_to_numpy(layer.kernel).astype("float32")
+    if isinstance(layer, keras.layers.Dense):
+        h = h.reshape(-1, h.shape[-1])
+        return np.stack([h[:, r] @ kernel[r] for r in rows])
+    if any(len(r) != 1 for r in rows):
+        raise ValueError(f"'{layer.name}': a unit feeds several input channels of a convolution.")
+    idx = np.array([r[0] for r in rows])
+    n, out = len(idx), kernel.shape[-1]
+    positions = max(1, int(np.prod(h.shape[1:-1])))
+    keep = max(1, min(len(h), max_elements // max(1, n * out * positions)))
+    y = ops.convert_to_numpy(ops.depthwise_conv(
+        h[:keep][..., idx], kernel[..., idx, :], strides=layer.strides, padding=layer.padding,
+        dilation_rate=layer.dilation_rate))
+    return np.transpose(y.reshape(keep, -1, n, out), (2, 0, 1, 3)).reshape(n, -1, out)
+
+
+def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=None, seed=0,
+                  verbose=0):
+    """Greedy forward selection by channel dependency group ("reconstruction").
+
+    For each prunable group of `tfs.surgery.channel_groups(model)`, the
+    consumers are the Dense/Conv layers its channels feed (through BN,
+    depthwise convolutions, adds, squeeze-excite, ...). Units are added one
+    at a time to best reconstruct all consumers' pre-activations on `x`
+    (each consumer's error relative to its own energy, summed), with the
+    least-squares re-weighting folded into every consumer and the removed
+    units' mean into their biases. Statistics come from the original model;
+    one surgery at the end. `flops` is spent as a uniform width over groups.
+
+    Args:
+        model: built Sequential / functional model.
+        x: a batch of inputs (NumPy).
+        width, flops: the budget (see `tfs.surgery.keep_for_budget`).
+        tolerance: stop a group early at this relative reconstruction error.
+        candidates: evaluate only this many random candidates per step.
+
+    Returns `(small model, report)`; the report has one dict per group.
+
+    Example:
+
+    >>> m = tfs.zoo.mnist1d_cnn()
+    >>> x = np.random.default_rng(0).normal(size=(64, 40, 1)).astype("float32")
+    >>> small, report = tfs.pruning.greedy_groups(m, x, flops=0.5)
+    >>> tfs.summary(small, print_fn=None).flops <= 0.5 * tfs.summary(m, print_fn=None).flops
+    True
+    """
+    groups = surgery.channel_groups(model)
+    prunable = groups.prunable()
+    zeros = {name: np.zeros(g.size) for name, g in prunable.items()}
+    budgets = {n: len(k) for n, k in surgery.keep_for_budget(groups, zeros, width=width,
+                                                             flops=flops).items()}
+    rng = np.random.default_rng(seed)
+    scales, shifts, keep, report = {}, {}, {}, {}
+    producers = [(layer, inp) for layer, kind, inp, _ in groups.layers.values() if kind == "producer"]
+    progress = keras.utils.Progbar(len(prunable), verbose=verbose, unit_name="group")
+    for step, (name, group) in enumerate(prunable.items()):
+        consumers = []
+        for layer, inp in producers:
+            roots = groups.root(inp)
+            rows = [np.flatnonzero(roots == u) for u in group.units]
+            if any(len(r) for r in rows):
+                consumers.append((layer, rows))
+        inputs = _compat.graph_slice(model.inputs, [layer.input for layer, _ in consumers])([x])
+        parts = []
+        for (layer, rows), h in zip(consumers, inputs):
+            c = _unit_contributions(ops.convert_to_numpy(h).astype("float32"), layer, rows)
+            energy = max(float(np.sum(c.sum(axis=0) ** 2)), 1e-30)
+            parts.append((layer, rows, c.astype("float64") / np.sqrt(energy), np.sqrt(energy)))
+        fit = _LocalFit.__new__(_LocalFit)
+        centered = [(c - c.mean(axis=1, keepdims=True)).reshape(len(c), -1) for _, _, c, _ in parts]
+        fit.gram = sum(m @ m.T for m in centered)
+        fit.b = fit.gram.sum(axis=1)
+        fit.total = max(float(fit.b.sum()), 1e-30)
+        selected, alpha, error = _select_local(fit, budgets[name], tolerance, candidates, rng)
+        order = np.argsort(selected)
+        kept, alpha = np.asarray(selected)[order], np.asarray(alpha)[order]
+        keep[name] = kept
+        for layer, rows, c, norm in parts:
+            scale = scales.setdefault(layer.name, np.ones(layer.kernel.shape[-2]))
+            for k, a in zip(kept, alpha):
+                scale[rows[k]] = a
+            means = c.mean(axis=1) * norm  # back to the layer's own units
+            shift = means.sum(axis=0) - alpha @ means[kept]
+            shifts[layer.name] = shifts.get(layer.name, 0.0) + shift
+        report[name] = {"kept": len(kept), "total": group.size, "error": error,
+                        "consumers": [layer.name for layer, _ in consumers]}
+        progress.update(step + 1, values=[("kept", len(kept) / group.size), ("error", error)])
+    masks = groups.keep_masks(keep)
+    input_scale = {}
+    for layer, _ in producers:
+        if layer.name in scales:
+            input_scale[layer.name] = scales[layer.name][masks[id(layer)][0]]
+    small = surgery.prune_groups(model, keep, groups, input_scale=input_scale,
+                                 bias_shift={n: v.astype("float32") for n, v in shifts.items()})
+    return small, report
 
 
 def _imitate(student, teacher, x, steps, batch_size, seed):

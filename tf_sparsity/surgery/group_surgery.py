@@ -88,8 +88,8 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
         groups: the `channel_groups(model)` result, if already computed.
         input_scale: optional `{consumer layer name: factors per kept input row}`
             folded into that layer's kernel.
-        bias_shift: optional `{consumer layer name: vector}` added to its bias
-            (a bias is created if the layer had none).
+        bias_shift: optional `{consumer layer name: vector over its original
+            outputs}` added to its bias (a bias is created if it had none).
 
     Every layer the removed units touch is sliced: producer filters and
     bias, BatchNormalization / PReLU entries, depthwise filters, the input
@@ -148,6 +148,7 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
                     weights[1] = weights[1][out]
                 shift = bias_shift.get(old.name)
                 if shift is not None:
+                    shift = np.asarray(shift)[out]  # given over the original outputs
                     if len(weights) == 1:
                         weights.append(np.zeros(kernel.shape[-1], kernel.dtype))
                     weights[1] = (weights[1] + shift).astype(kernel.dtype)
