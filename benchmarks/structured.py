@@ -1,6 +1,7 @@
 """Structured pruning on the MNIST-1D CNN at equal FLOPs: channel-STR vs greedy vs L1 vs random.
 
     python benchmarks/structured.py --seeds 3 --epochs 20
+    python benchmarks/structured.py --apps            # keras.applications timing only
 
 Per seed: train the dense CNN (SGD-Nesterov 0.1, cosine, 20 epochs, L2 5e-4).
 Channel-STR trains from scratch for the same epochs with
@@ -29,10 +30,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_sparsity as tfs  # noqa: E402
-from tf_sparsity import surgery  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
-from tf_sparsity.pruning.greedy import _budgets, _imitate  # noqa: E402
 from export_targets import time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
 
 
@@ -43,14 +42,39 @@ def evaluate(model, test):
 
 
 def random_channels(model, flops, x, steps, seed):
-    chains, _ = surgery.channel_chains(model)
-    budgets = _budgets(model, chains, None, flops)
-    rng = np.random.default_rng(seed)
-    keep = {n: np.sort(rng.choice(c.width, budgets[n], replace=False)) for n, c in chains.items()}
-    pruned = surgery.prune_channels(model, keep)
-    if steps:
-        _imitate(pruned, model, x, steps, 256, seed)
-    return pruned
+    """Random channels of every dependency group (`tfs.pruning.random_prune`)."""
+    return tfs.pruning.random_prune(model, flops=flops, data=x, finetune_steps=steps, seed=seed)
+
+
+def applications(a):
+    """Time L1 and greedy ("reconstruction") on keras.applications nets; the MACs they reach.
+
+    weights=None, `--apps-size` square inputs, 10 classes, `--apps-samples`
+    standard-normal inputs for greedy (no labels are used), budget 0.5 and 0.3.
+    """
+    rows = []
+    for name in ("MobileNetV2", "ResNet50", "EfficientNetB0"):
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(weights=None, input_shape=(a.apps_size, a.apps_size, 3),
+                                                  classes=10)
+        dense = tfs.summary(model, print_fn=None).flops
+        x = np.random.default_rng(0).normal(size=(a.apps_samples, a.apps_size, a.apps_size, 3)).astype("float32")
+        for budget in (0.5, 0.3):
+            for method, make in (
+                    ("l1-norm", lambda: tfs.pruning.l1_norm_prune(model, flops=budget)),
+                    ("greedy (reconstruction)", lambda: tfs.greedy_prune(
+                        model, x, objective="reconstruction", flops=budget, tolerance=0.0,
+                        batch_size=a.apps_samples, verbose=0))):
+                start = time.perf_counter()
+                small = make()
+                seconds = time.perf_counter() - start
+                rows.append({"network": name, "method": method, "asked": budget, "seconds": seconds,
+                             "macs": tfs.summary(small, print_fn=None).flops / dense})
+                print(f"{name} {method} asked {budget}: MACs {rows[-1]['macs']:.3f} in {seconds:.0f} s", flush=True)
+    lines = ["| network | method | MACs asked | MACs reached | time (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['method']} | {r['asked']} | {r['macs']:.3f} | {r['seconds']:.0f} |" for r in rows]
+    print("\n".join(lines))
+    write_results(HERE / "results" / "structured_apps.json", {"args": vars(a), "rows": rows, "table": lines})
 
 
 def channel_str(epochs, target, shrink, train, test):
@@ -82,7 +106,12 @@ def main():
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--tflm-runs", type=int, default=100, help="TFLM invokes per round per model (0: no export)")
     p.add_argument("--tflm-rounds", type=int, default=5)
+    p.add_argument("--apps", action="store_true", help="only time L1 / greedy on keras.applications nets")
+    p.add_argument("--apps-size", type=int, default=96)
+    p.add_argument("--apps-samples", type=int, default=256)
     a = p.parse_args()
+    if a.apps:
+        return applications(a)
     train, test = tfs.datasets.mnist1d(num_samples=10000)
     x = train[0]
     rows = []

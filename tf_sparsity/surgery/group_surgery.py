@@ -102,9 +102,9 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
     >>> x = keras.Input((8,))
     >>> h = keras.layers.Dense(6, name="h")(x)
     >>> m = keras.Model(x, keras.layers.Dense(2)(keras.layers.Add()([h, keras.layers.Dense(6)(h)])))
-    >>> small = tfs.surgery.prune_groups(m, {"h": [0, 2, 4]})
+    >>> small = tfs.surgery.prune_groups(m, {"h": [0, 2, 4]})  # h and the Dense it is added to
     >>> [l.units for l in small.layers if isinstance(l, keras.layers.Dense)]
-    [3, 6, 2]
+    [3, 3, 2]
     """
     groups = groups if groups is not None else channel_groups(model)
     _check_keep(groups, keep)
