@@ -133,3 +133,25 @@ def test_keras_applications_surgery_equals_masked_and_meets_the_budget(name):
     dense = tfs.summary(model, print_fn=None).flops
     ratio = tfs.summary(tfs.pruning.l1_norm_prune(model, flops=0.5), print_fn=None).flops / dense
     assert 0.49 <= ratio <= 0.5
+
+
+@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_resnet, tfs.zoo.mnist1d_mobilenet])
+def test_zoo_residual_and_inverted_residual_nets(build):
+    model = build()
+    groups, _ = _check_equal(model, (40, 1))
+    assert all(g.frozen in (None, "model output") for g in groups.groups.values())
+
+
+def test_greedy_reconstruction_is_exact_when_keeping_all_and_beats_l1():
+    model = _toy()
+    x = random_like((64, 8, 8, 3))
+    same = tfs.greedy_prune(model, x, objective="reconstruction", tolerance=0.0, verbose=0)
+    np.testing.assert_allclose(np.asarray(same(x)), np.asarray(model(x)), atol=1e-4)
+    small, report = tfs.greedy_prune(model, x, objective="reconstruction", flops=0.5, tolerance=0.0,
+                                     verbose=0, return_report=True)
+    dense = tfs.summary(model, print_fn=None).flops
+    assert 0.45 <= tfs.summary(small, print_fn=None).flops / dense <= 0.5
+    assert sorted(report["stem"]["consumers"]) == ["expand", "fc", "side"]
+    ref = np.asarray(model(x))
+    error = lambda m: float(np.mean((np.asarray(m(x)) - ref) ** 2))  # noqa: E731
+    assert error(small) < error(tfs.pruning.l1_norm_prune(model, flops=0.5))
