@@ -292,6 +292,40 @@ def _unit_contributions(h, layer, rows, max_elements=20_000_000):
     return np.transpose(y.reshape(keep, -1, n, out), (2, 0, 1, 3)).reshape(n, -1, out)
 
 
+def _orthogonal_select(gram, b, budget, tolerance, candidates, rng):
+    """Forward selection minimising ||T - sum_S alpha_j c_j||^2 in Gram form, with
+    incremental Gram-Schmidt (O(N k) per step, not a solve per candidate)."""
+    n = len(gram)
+    total = max(float(b.sum()), 1e-30)
+    diag = np.diag(gram).copy()
+    floor = 1e-12 * max(float(diag.max()), 1e-30)
+    u = np.zeros((n, min(budget, n)))
+    w = np.zeros(min(budget, n))
+    proj_b = np.zeros(n)  # G_jS G_SS^-1 b_S
+    proj_d = np.zeros(n)  # G_jS G_SS^-1 G_Sj
+    selected, explained, error = [], 0.0, 1.0
+    while len(selected) < budget and error > tolerance:
+        den = diag - proj_d
+        gains = (b - proj_b) ** 2 / np.maximum(den, floor)
+        gains[selected] = -np.inf
+        pool = np.flatnonzero(np.isfinite(gains))
+        if candidates is not None and len(pool) > candidates:
+            pool = rng.choice(pool, candidates, replace=False)
+        j = int(pool[np.argmax(gains[pool])])
+        t = len(selected)
+        norm = np.sqrt(max(den[j], floor))
+        u[:, t] = (gram[:, j] - u[:, :t] @ u[j, :t]) / norm
+        w[t] = (b[j] - u[j, :t] @ w[:t]) / norm
+        proj_b += u[:, t] * w[t]
+        proj_d += u[:, t] ** 2
+        explained += w[t] ** 2
+        selected.append(j)
+        error = max(1.0 - explained / total, 0.0)
+    s = np.asarray(selected)
+    g = gram[np.ix_(s, s)] + 1e-10 * np.eye(len(s)) * max(1.0, np.trace(gram) / n)
+    return selected, np.linalg.solve(g, b[s]), error
+
+
 def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=None, seed=0,
                   verbose=0):
     """Greedy forward selection by channel dependency group ("reconstruction").
@@ -344,12 +378,10 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
             c = _unit_contributions(ops.convert_to_numpy(h).astype("float32"), layer, rows)
             energy = max(float(np.sum(c.sum(axis=0) ** 2)), 1e-30)
             parts.append((layer, rows, c.astype("float64") / np.sqrt(energy), np.sqrt(energy)))
-        fit = _LocalFit.__new__(_LocalFit)
         centered = [(c - c.mean(axis=1, keepdims=True)).reshape(len(c), -1) for _, _, c, _ in parts]
-        fit.gram = sum(m @ m.T for m in centered)
-        fit.b = fit.gram.sum(axis=1)
-        fit.total = max(float(fit.b.sum()), 1e-30)
-        selected, alpha, error = _select_local(fit, budgets[name], tolerance, candidates, rng)
+        gram = sum(m @ m.T for m in centered)
+        selected, alpha, error = _orthogonal_select(gram, gram.sum(axis=1), budgets[name], tolerance,
+                                                    candidates, rng)
         order = np.argsort(selected)
         kept, alpha = np.asarray(selected)[order], np.asarray(alpha)[order]
         keep[name] = kept
