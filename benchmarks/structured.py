@@ -54,7 +54,7 @@ def applications(a):
     standard-normal inputs for greedy (no labels are used), budget 0.5 and 0.3.
     """
     rows = []
-    for name in ("MobileNetV2", "ResNet50", "EfficientNetB0"):
+    for name in a.apps_nets:
         keras.utils.set_random_seed(0)
         model = getattr(keras.applications, name)(weights=None, input_shape=(a.apps_size, a.apps_size, 3),
                                                   classes=10)
@@ -157,6 +157,7 @@ def main():
     p.add_argument("--apps", action="store_true", help="only time L1 / greedy on keras.applications nets")
     p.add_argument("--apps-size", type=int, default=96)
     p.add_argument("--apps-samples", type=int, default=256)
+    p.add_argument("--apps-nets", nargs="+", default=["MobileNetV2", "ResNet50", "EfficientNetB0"])
     p.add_argument("--groups", action="store_true", help="only the 1-D ResNet / MobileNet group benchmark")
     a = p.parse_args()
     if a.apps:
