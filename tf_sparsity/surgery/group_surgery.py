@@ -172,7 +172,8 @@ def keep_for_budget(groups, scores, width=None, flops=None):
         scores: `{group name: per-unit scores}` for every prunable group.
         width: fraction of every prunable group's channels kept.
         flops: fraction of the dense MACs: the largest uniform width whose
-            MACs stay within it (bisection on the exact count).
+            MACs stay within it (bisection on the exact count), then single
+            units added group by group while they fit.
 
     Raises a `ValueError` when no prunable group exists or the frozen
     channels make `flops` unreachable (naming them and the smallest MACs).
@@ -209,4 +210,25 @@ def keep_for_budget(groups, scores, width=None, flops=None):
             hi = mid
         else:
             lo, best = mid, keep
-    return best
+    return _fill(groups, best, scores, flops, dense)
+
+
+def _fill(groups, keep, scores, flops, dense, rounds=3):
+    """Spend what rounding the uniform width left: add each group's next best unit
+    while the MACs stay within `flops` (small nets, where one channel is a lot)."""
+    for _ in range(rounds):
+        if flops - group_macs(groups, keep) / dense < 0.005:
+            break
+        added = False
+        for name, group in groups.prunable().items():
+            if len(keep[name]) >= group.size:
+                continue
+            order = np.argsort(-np.asarray(scores[name]), kind="stable")
+            extra = next(int(i) for i in order if i not in set(keep[name].tolist()))
+            trial = dict(keep)
+            trial[name] = np.sort(np.append(keep[name], extra))
+            if group_macs(groups, trial) / dense <= flops:
+                keep, added = trial, True
+        if not added:
+            break
+    return keep
