@@ -1,6 +1,8 @@
 """Structured pruning on the MNIST-1D CNN at equal FLOPs: channel-STR vs greedy vs L1 vs random.
 
     python benchmarks/structured.py --seeds 3 --epochs 20
+    python benchmarks/structured.py --apps            # keras.applications timing only
+    python benchmarks/structured.py --groups --seeds 3 --epochs 5 --finetune-steps 100  # 1-D ResNet / MobileNet
 
 Per seed: train the dense CNN (SGD-Nesterov 0.1, cosine, 20 epochs, L2 5e-4).
 Channel-STR trains from scratch for the same epochs with
@@ -29,10 +31,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tf_sparsity as tfs  # noqa: E402
-from tf_sparsity import surgery  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
-from tf_sparsity.pruning.greedy import _budgets, _imitate  # noqa: E402
 from export_targets import time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
 
 
@@ -43,14 +43,39 @@ def evaluate(model, test):
 
 
 def random_channels(model, flops, x, steps, seed):
-    chains, _ = surgery.channel_chains(model)
-    budgets = _budgets(model, chains, None, flops)
-    rng = np.random.default_rng(seed)
-    keep = {n: np.sort(rng.choice(c.width, budgets[n], replace=False)) for n, c in chains.items()}
-    pruned = surgery.prune_channels(model, keep)
-    if steps:
-        _imitate(pruned, model, x, steps, 256, seed)
-    return pruned
+    """Random channels of every dependency group (`tfs.pruning.random_prune`)."""
+    return tfs.pruning.random_prune(model, flops=flops, data=x, finetune_steps=steps, seed=seed)
+
+
+def applications(a):
+    """Time L1 and greedy ("reconstruction") on keras.applications nets; the MACs they reach.
+
+    weights=None, `--apps-size` square inputs, 10 classes, `--apps-samples`
+    standard-normal inputs for greedy (no labels are used), budget 0.5 and 0.3.
+    """
+    rows = []
+    for name in a.apps_nets:
+        keras.utils.set_random_seed(0)
+        model = getattr(keras.applications, name)(weights=None, input_shape=(a.apps_size, a.apps_size, 3),
+                                                  classes=10)
+        dense = tfs.summary(model, print_fn=None).flops
+        x = np.random.default_rng(0).normal(size=(a.apps_samples, a.apps_size, a.apps_size, 3)).astype("float32")
+        for budget in (0.5, 0.3):
+            for method, make in (
+                    ("l1-norm", lambda: tfs.pruning.l1_norm_prune(model, flops=budget)),
+                    ("greedy (reconstruction)", lambda: tfs.greedy_prune(
+                        model, x, objective="reconstruction", flops=budget, tolerance=0.0,
+                        batch_size=a.apps_samples, verbose=0))):
+                start = time.perf_counter()
+                small = make()
+                seconds = time.perf_counter() - start
+                rows.append({"network": name, "method": method, "asked": budget, "seconds": seconds,
+                             "macs": tfs.summary(small, print_fn=None).flops / dense})
+                print(f"{name} {method} asked {budget}: MACs {rows[-1]['macs']:.3f} in {seconds:.0f} s", flush=True)
+    lines = ["| network | method | MACs asked | MACs reached | time (s) |", "|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['method']} | {r['asked']} | {r['macs']:.3f} | {r['seconds']:.0f} |" for r in rows]
+    print("\n".join(lines))
+    write_results(HERE / "results" / "structured_apps.json", {"args": vars(a), "rows": rows, "table": lines})
 
 
 def channel_str(epochs, target, shrink, train, test):
@@ -74,6 +99,53 @@ def retrained(model, train, test, epochs, weight_decay=5e-4):
     return new
 
 
+def group_nets(a):
+    """Dependency-group pruning on the zoo's 1-D ResNet and 1-D MobileNetV2-style net (MNIST-1D).
+
+    Per net and seed: train dense (`--epochs`), then for each budget (0.5, 0.3
+    of the dense MACs) L1, random and greedy (objective="reconstruction",
+    tolerance 0), each followed by `--finetune-steps` imitation steps.
+    Channel-STR is not in this table (its channel groups are per layer).
+    """
+    train, test = tfs.datasets.mnist1d(num_samples=10000)
+    x = train[0]
+    rows = []
+    for net in ("mnist1d_resnet", "mnist1d_mobilenet"):
+        for seed in range(a.seeds):
+            keras.utils.set_random_seed(seed)
+            dense = getattr(tfs.zoo, net)(weight_decay=5e-4)
+            train_classifier(dense, train, test, epochs=a.epochs)
+            dense_flops = tfs.summary(dense, print_fn=None).flops
+            rows.append({"net": net, "method": "dense", "budget": 1.0, "seed": seed,
+                         "accuracy": evaluate(dense, test), "flops": 1.0, "seconds": 0})
+            for budget in (0.5, 0.3):
+                for method, make in (
+                        ("l1-norm", lambda: tfs.pruning.l1_norm_prune(
+                            dense, flops=budget, data=x, finetune_steps=a.finetune_steps, seed=seed)),
+                        ("random", lambda: random_channels(dense, budget, x, a.finetune_steps, seed)),
+                        ("greedy (reconstruction)", lambda: tfs.greedy_prune(
+                            dense, x, objective="reconstruction", flops=budget, tolerance=0.0, batch_size=512,
+                            finetune_steps=a.finetune_steps, verbose=0, seed=seed))):
+                    keras.utils.set_random_seed(seed)
+                    start = time.perf_counter()
+                    small = make()
+                    rows.append({"net": net, "method": method, "budget": budget, "seed": seed,
+                                 "accuracy": evaluate(small, test), "seconds": time.perf_counter() - start,
+                                 "flops": tfs.summary(small, print_fn=None).flops / dense_flops})
+                    print(f"{net} seed {seed} {method} @{budget}: acc {rows[-1]['accuracy']:.4f} "
+                          f"MACs {rows[-1]['flops']:.3f}", flush=True)
+    lines = ["| net | method | MACs asked | MACs reached | accuracy (mean ± std) | time (s) |",
+             "|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["net"], r["method"], r["budget"]) for r in rows):
+        group = [r for r in rows if (r["net"], r["method"], r["budget"]) == key]
+        acc = np.array([r["accuracy"] for r in group]) * 100
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {np.mean([r['flops'] for r in group]):.3f} | "
+                     f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | "
+                     f"{np.mean([r['seconds'] for r in group]):.0f} |")
+    print("\n".join(lines))
+    write_results(HERE / "results" / "structured_groups.json", {"args": vars(a), "rows": rows, "table": lines})
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
@@ -82,7 +154,16 @@ def main():
     p.add_argument("--finetune-steps", type=int, default=300)
     p.add_argument("--tflm-runs", type=int, default=100, help="TFLM invokes per round per model (0: no export)")
     p.add_argument("--tflm-rounds", type=int, default=5)
+    p.add_argument("--apps", action="store_true", help="only time L1 / greedy on keras.applications nets")
+    p.add_argument("--apps-size", type=int, default=96)
+    p.add_argument("--apps-samples", type=int, default=256)
+    p.add_argument("--apps-nets", nargs="+", default=["MobileNetV2", "ResNet50", "EfficientNetB0"])
+    p.add_argument("--groups", action="store_true", help="only the 1-D ResNet / MobileNet group benchmark")
     a = p.parse_args()
+    if a.apps:
+        return applications(a)
+    if a.groups:
+        return group_nets(a)
     train, test = tfs.datasets.mnist1d(num_samples=10000)
     x = train[0]
     rows = []

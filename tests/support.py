@@ -17,3 +17,24 @@ def compile_sgd(model, lr=0.05):
 def random_like(shape, seed=0):
     """Standard-normal float32 data of `shape`, reproducible by `seed`."""
     return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def masked_copy(model, groups, keep):
+    """A same-size copy of `model` whose consumers ignore the units `keep` drops.
+
+    Every Dense/Conv input row fed by a removed unit of `groups`
+    (`tfs.surgery.channel_groups(model)`) is zeroed: the masked model the
+    physically smaller one must equal.
+    """
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    masks = groups.keep_masks(keep)
+    by_name = {l.name: l for l in copy.layers}
+    for key, (layer, kind, _, _) in groups.layers.items():
+        inp = masks[key][0]
+        if kind == "producer" and not inp.all():
+            target = by_name[layer.name]
+            weights = target.get_weights()
+            weights[0][..., ~inp, :] = 0
+            target.set_weights(weights)
+    return copy

@@ -1,6 +1,5 @@
 """Low-rank STR cells: math, learned rank, strip, summary, save/load, steering, export."""
 
-import doctest
 
 import keras
 import numpy as np

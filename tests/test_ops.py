@@ -1,6 +1,5 @@
 """Shared math: soft threshold and the exact global top-k."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf

@@ -8,7 +8,6 @@ import pytest
 import tensorflow as tf
 
 import tf_sparsity as tfs
-from support import compile_sgd, random_like
 
 L = keras.layers
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -1,7 +1,5 @@
 """Real training on MNIST-1D: target sparsity, collapse, resume, distribution, mixed precision."""
 
-import os
-import warnings
 
 import keras
 import numpy as np

@@ -15,9 +15,9 @@ from keras.src.ops.function import Function as _Function
 from keras.src.saving import serialization_lib as _serialization_lib
 
 __all__ = [
-    "Functional", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
+    "Functional", "graph_nodes", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
-    "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_nodes",
+    "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_calls", "graph_nodes",
     "is_graph_model",
 ]
 
@@ -50,6 +50,24 @@ def unsafe_deserialization():
 def inbound_node_count(layer):
     """How many times `layer` is called in the graph (shared layers: > 1). Keras 3.12-3.15."""
     return len(layer._inbound_nodes)
+
+
+def _nodes_in_order(model):
+    """Every node of a functional / Sequential model's graph, inputs first
+    (`_functional`, `_nodes_by_depth`; Keras 3.12-3.15)."""
+    if isinstance(model, keras.Sequential):
+        if getattr(model, "_functional", None) is None:
+            raise ValueError(f"Sequential model '{model.name}' must be built with an Input.")
+        model = model._functional
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        yield from model._nodes_by_depth[depth]
+
+
+def graph_calls(model):
+    """`(operation, input tensors, output tensors)` of every call in `model`'s
+    graph, input layers included, in topological order. Used by channel groups."""
+    return [(node.operation, list(node.input_tensors), list(node.output_tensors))
+            for node in _nodes_in_order(model)]
 
 
 def outbound_operations(layer):
@@ -114,17 +132,9 @@ def graph_nodes(model):
     >>> [n.operation.name for n in graph_nodes(m)[2]]
     ['d']
     """
-    if isinstance(model, keras.Sequential):
-        if getattr(model, "_functional", None) is None:
-            raise ValueError(f"Sequential model '{model.name}' must be built with an Input.")
-        model = model._functional
-    nodes = []
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            if node.operation is None or node.is_input:
-                continue
-            nodes.append(node)
-    return list(model.inputs), list(model.outputs), nodes
+    nodes = [n for n in _nodes_in_order(model) if n.operation is not None and not n.is_input]
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    return list(graph.inputs), list(graph.outputs), nodes
 
 
 def is_graph_model(layer):

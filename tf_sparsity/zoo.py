@@ -70,3 +70,74 @@ def vgg16_bn(input_shape=(32, 32, 3), classes=100, name="vgg16_bn", kernel_initi
     x = layers.GlobalAveragePooling2D()(x)
     outputs = layers.Dense(classes, kernel_initializer=kernel_initializer, name="fc")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def mnist1d_resnet(filters=(32, 64), blocks=2, num_classes=10, seq_len=40, weight_decay=0.0,
+                   name="mnist1d_resnet"):
+    """A 1-D ResNet for MNIST-1D: stem, basic residual blocks (conv-BN-ReLU-conv-BN + add)
+    in stages of `filters` (stride 2 with a 1x1 projection between stages), GAP, logits.
+
+    The residual adds tie channels across blocks: channel pruning needs
+    `tfs.surgery.channel_groups`.
+
+    >>> m = tfs.zoo.mnist1d_resnet()
+    >>> len(tfs.surgery.channel_groups(m).prunable())
+    6
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+
+    def conv(x, n, k, stride, label):
+        x = layers.Conv1D(n, k, strides=stride, padding="same", use_bias=False, kernel_regularizer=reg,
+                          name=f"{label}_conv")(x)
+        return layers.BatchNormalization(name=f"{label}_bn")(x)
+
+    inputs = keras.Input((seq_len, 1), name="signal")
+    x = layers.ReLU(name="stem_relu")(conv(inputs, filters[0], 5, 1, "stem"))
+    for s, n in enumerate(filters):
+        for b in range(blocks):
+            stride = 2 if s > 0 and b == 0 else 1
+            label = f"s{s + 1}b{b + 1}"
+            shortcut = conv(x, n, 1, stride, f"{label}_proj") if stride != 1 or x.shape[-1] != n else x
+            h = layers.ReLU(name=f"{label}_relu1")(conv(x, n, 3, stride, f"{label}_1"))
+            h = conv(h, n, 3, 1, f"{label}_2")
+            x = layers.ReLU(name=f"{label}_out")(layers.Add(name=f"{label}_add")([shortcut, h]))
+    x = layers.GlobalAveragePooling1D(name="gap")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def mnist1d_mobilenet(widths=(16, 24, 32), expansion=4, num_classes=10, seq_len=40, weight_decay=0.0,
+                      name="mnist1d_mobilenet"):
+    """A 1-D MobileNetV2-style net for MNIST-1D: inverted residual blocks (1x1 expand,
+    depthwise conv, squeeze-excite, 1x1 project, residual add where shapes allow).
+
+    >>> m = tfs.zoo.mnist1d_mobilenet()
+    >>> sorted(l.name for l, _ in tfs.surgery.channel_groups(m).groups["b1_expand"].producers)
+    ['b1_expand', 'b1_se_expand']
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+    inputs = keras.Input((seq_len, 1), name="signal")
+    x = layers.Conv1D(widths[0], 5, padding="same", use_bias=False, kernel_regularizer=reg, name="stem_conv")(inputs)
+    x = layers.ReLU(6.0, name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    i = 0
+    for s, n in enumerate(widths):
+        for b in range(2):
+            i += 1
+            stride = 2 if s > 0 and b == 0 else 1
+            e = layers.Conv1D(x.shape[-1] * expansion, 1, use_bias=False, kernel_regularizer=reg,
+                              name=f"b{i}_expand")(x)
+            e = layers.ReLU(6.0, name=f"b{i}_expand_relu")(layers.BatchNormalization(name=f"b{i}_expand_bn")(e))
+            d = layers.DepthwiseConv1D(3, strides=stride, padding="same", use_bias=False, name=f"b{i}_dw")(e)
+            d = layers.ReLU(6.0, name=f"b{i}_dw_relu")(layers.BatchNormalization(name=f"b{i}_dw_bn")(d))
+            se = layers.GlobalAveragePooling1D(keepdims=True, name=f"b{i}_se_pool")(d)
+            se = layers.Conv1D(max(4, d.shape[-1] // 8), 1, activation="relu", name=f"b{i}_se_reduce")(se)
+            se = layers.Conv1D(d.shape[-1], 1, activation="sigmoid", name=f"b{i}_se_expand")(se)
+            d = layers.Multiply(name=f"b{i}_se")([d, se])
+            p = layers.Conv1D(n, 1, use_bias=False, kernel_regularizer=reg, name=f"b{i}_project")(d)
+            p = layers.BatchNormalization(name=f"b{i}_project_bn")(p)
+            x = layers.Add(name=f"b{i}_add")([x, p]) if stride == 1 and x.shape[-1] == n else p
+    x = layers.GlobalAveragePooling1D(name="gap")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)

@@ -13,7 +13,7 @@ from keras import ops
 from tf_sparsity import _compat, surgery
 from tf_sparsity.summarize import summary
 
-OBJECTIVES = ("local", "global", "auto")
+OBJECTIVES = ("local", "global", "auto", "reconstruction")
 
 
 def _check_fraction(name, value):
@@ -186,7 +186,12 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
       layer's weights) and a bias correction for the removed ones;
     - "global": match the network's final output (MSE to the original);
     - "auto": run both per layer and keep whichever needs fewer channels
-      (at equal count, the lower final-output error).
+      (at equal count, the lower final-output error);
+    - "reconstruction": "local" over channel dependency groups
+      (`tfs.surgery.channel_groups`): residual-tied, depthwise, concatenated
+      and squeeze-excite channels are selected as one unit, reconstructing
+      every consumer's pre-activation at once (each consumer weighted
+      alike). Works on keras.applications networks; see `greedy_groups`.
 
     Selection stops when the objective's relative error falls to `tolerance`
     or the layer reaches its budget: `width` (fraction of channels per
@@ -218,6 +223,15 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         raise ValueError(f"`candidates` must be an integer >= 1; received {candidates!r}.")
     surgery.check_model(model)
     x = _inputs_of(data, model)
+    if objective == "reconstruction":
+        if width is None and flops is None:
+            width = 1.0 - 1e-9
+        current, report = greedy_groups(model, x[:batch_size], width=width, flops=flops,
+                                        tolerance=tolerance, candidates=candidates, seed=seed,
+                                        verbose=verbose)
+        if finetune_steps:
+            _imitate(current, model, x, finetune_steps, batch_size, seed)
+        return (current, report) if return_report else current
     batch = x[:batch_size]
     chains, left_alone = surgery.channel_chains(model)
     if not chains:
@@ -256,6 +270,141 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
     return (current, report) if return_report else current
 
 
+def _unit_contributions(h, layer, rows, max_elements=20_000_000):
+    """Each unit's contribution to `layer`'s pre-activation, `(units, samples, outputs)`.
+
+    `rows[k]` are the input rows (channels, or flattened positions x
+    channels for a Dense after Flatten) fed by unit `k`.
+    """
+    kernel = ops.convert_to_numpy(layer.kernel).astype("float32")
+    if isinstance(layer, keras.layers.Dense):
+        h = h.reshape(-1, h.shape[-1])
+        return np.stack([h[:, r] @ kernel[r] for r in rows])
+    if any(len(r) != 1 for r in rows):
+        raise ValueError(f"'{layer.name}': a unit feeds several input channels of a convolution.")
+    idx = np.array([r[0] for r in rows])
+    n, out = len(idx), kernel.shape[-1]
+    positions = max(1, int(np.prod(h.shape[1:-1])))
+    keep = max(1, min(len(h), max_elements // max(1, n * out * positions)))
+    y = ops.convert_to_numpy(ops.depthwise_conv(
+        h[:keep][..., idx], kernel[..., idx, :], strides=layer.strides, padding=layer.padding,
+        dilation_rate=layer.dilation_rate))
+    return np.transpose(y.reshape(keep, -1, n, out), (2, 0, 1, 3)).reshape(n, -1, out)
+
+
+def _orthogonal_select(gram, b, budget, tolerance, candidates, rng):
+    """Forward selection minimising ||T - sum_S alpha_j c_j||^2 in Gram form, with
+    incremental Gram-Schmidt (O(N k) per step, not a solve per candidate)."""
+    n = len(gram)
+    total = max(float(b.sum()), 1e-30)
+    diag = np.diag(gram).copy()
+    floor = 1e-12 * max(float(diag.max()), 1e-30)
+    u = np.zeros((n, min(budget, n)))
+    w = np.zeros(min(budget, n))
+    proj_b = np.zeros(n)  # G_jS G_SS^-1 b_S
+    proj_d = np.zeros(n)  # G_jS G_SS^-1 G_Sj
+    selected, explained, error = [], 0.0, 1.0
+    while len(selected) < budget and error > tolerance:
+        den = diag - proj_d
+        gains = (b - proj_b) ** 2 / np.maximum(den, floor)
+        gains[selected] = -np.inf
+        pool = np.flatnonzero(np.isfinite(gains))
+        if candidates is not None and len(pool) > candidates:
+            pool = rng.choice(pool, candidates, replace=False)
+        j = int(pool[np.argmax(gains[pool])])
+        t = len(selected)
+        norm = np.sqrt(max(den[j], floor))
+        u[:, t] = (gram[:, j] - u[:, :t] @ u[j, :t]) / norm
+        w[t] = (b[j] - u[j, :t] @ w[:t]) / norm
+        proj_b += u[:, t] * w[t]
+        proj_d += u[:, t] ** 2
+        explained += w[t] ** 2
+        selected.append(j)
+        error = max(1.0 - explained / total, 0.0)
+    s = np.asarray(selected)
+    g = gram[np.ix_(s, s)] + 1e-10 * np.eye(len(s)) * max(1.0, np.trace(gram) / n)
+    return selected, np.linalg.solve(g, b[s]), error
+
+
+def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=None, seed=0,
+                  verbose=0):
+    """Greedy forward selection by channel dependency group ("reconstruction").
+
+    For each prunable group of `tfs.surgery.channel_groups(model)`, the
+    consumers are the Dense/Conv layers its channels feed (through BN,
+    depthwise convolutions, adds, squeeze-excite, ...). Units are added one
+    at a time to best reconstruct all consumers' pre-activations on `x`
+    (each consumer's error relative to its own energy, summed), with the
+    least-squares re-weighting folded into every consumer and the removed
+    units' mean into their biases. Statistics come from the original model;
+    one surgery at the end. `flops` is spent as a uniform width over groups.
+
+    Args:
+        model: built Sequential / functional model.
+        x: a batch of inputs (NumPy).
+        width, flops: the budget (see `tfs.surgery.keep_for_budget`).
+        tolerance: stop a group early at this relative reconstruction error.
+        candidates: evaluate only this many random candidates per step.
+
+    Returns `(small model, report)`; the report has one dict per group.
+
+    Example:
+
+    >>> m = tfs.zoo.mnist1d_cnn()
+    >>> x = np.random.default_rng(0).normal(size=(64, 40, 1)).astype("float32")
+    >>> small, report = tfs.pruning.greedy_groups(m, x, flops=0.5)
+    >>> tfs.summary(small, print_fn=None).flops <= 0.5 * tfs.summary(m, print_fn=None).flops
+    True
+    """
+    groups = surgery.channel_groups(model)
+    prunable = groups.prunable()
+    zeros = {name: np.zeros(g.size) for name, g in prunable.items()}
+    budgets = {n: len(k) for n, k in surgery.keep_for_budget(groups, zeros, width=width,
+                                                             flops=flops).items()}
+    rng = np.random.default_rng(seed)
+    scales, shifts, keep, report = {}, {}, {}, {}
+    producers = [(layer, inp) for layer, kind, inp, _ in groups.layers.values() if kind == "producer"]
+    progress = keras.utils.Progbar(len(prunable), verbose=verbose, unit_name="group")
+    for step, (name, group) in enumerate(prunable.items()):
+        consumers = []
+        for layer, inp in producers:
+            roots = groups.root(inp)
+            rows = [np.flatnonzero(roots == u) for u in group.units]
+            if any(len(r) for r in rows):
+                consumers.append((layer, rows))
+        inputs = _compat.graph_slice(model.inputs, [layer.input for layer, _ in consumers])([x])
+        parts = []
+        for (layer, rows), h in zip(consumers, inputs):
+            c = _unit_contributions(ops.convert_to_numpy(h).astype("float32"), layer, rows)
+            energy = max(float(np.sum(c.sum(axis=0) ** 2)), 1e-30)
+            parts.append((layer, rows, c.astype("float64") / np.sqrt(energy), np.sqrt(energy)))
+        centered = [(c - c.mean(axis=1, keepdims=True)).reshape(len(c), -1) for _, _, c, _ in parts]
+        gram = sum(m @ m.T for m in centered)
+        selected, alpha, error = _orthogonal_select(gram, gram.sum(axis=1), budgets[name], tolerance,
+                                                    candidates, rng)
+        order = np.argsort(selected)
+        kept, alpha = np.asarray(selected)[order], np.asarray(alpha)[order]
+        keep[name] = kept
+        for layer, rows, c, norm in parts:
+            scale = scales.setdefault(layer.name, np.ones(layer.kernel.shape[-2]))
+            for k, a in zip(kept, alpha):
+                scale[rows[k]] = a
+            means = c.mean(axis=1) * norm  # back to the layer's own units
+            shift = means.sum(axis=0) - alpha @ means[kept]
+            shifts[layer.name] = shifts.get(layer.name, 0.0) + shift
+        report[name] = {"kept": len(kept), "total": group.size, "error": error,
+                        "consumers": [layer.name for layer, _ in consumers]}
+        progress.update(step + 1, values=[("kept", len(kept) / group.size), ("error", error)])
+    masks = groups.keep_masks(keep)
+    input_scale = {}
+    for layer, _ in producers:
+        if layer.name in scales:
+            input_scale[layer.name] = scales[layer.name][masks[id(layer)][0]]
+    small = surgery.prune_groups(model, keep, groups, input_scale=input_scale,
+                                 bias_shift={n: v.astype("float32") for n, v in shifts.items()})
+    return small, report
+
+
 def _imitate(student, teacher, x, steps, batch_size, seed):
     """Fine-tune `student` for `steps` Adam steps to reproduce `teacher`'s outputs (no labels)."""
     import tensorflow as tf  # tf.data input pipeline
@@ -266,29 +415,78 @@ def _imitate(student, teacher, x, steps, batch_size, seed):
     student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
 
 
-def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
-    """Baseline: keep each layer's channels with the largest L1 kernel norm (Li et al. 2017).
-
-    Same budgets, same surgery and same optional imitation fine-tune as
-    `greedy_prune`, no re-weighting.
-
-    >>> small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_cnn(), width=0.5)  # doctest: +SKIP
-    """
+def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed):
+    """Shared path of the group-wise baselines: score units, meet the budget, cut, fine-tune."""
     width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
     if width is None and flops is None:
         raise ValueError("Pass a budget: `width` or `flops` (a fraction in (0, 1)).")
-    chains, _ = surgery.channel_chains(model)
-    if not chains:
-        raise ValueError("`model` has no layer whose channels can be removed.")
-    budgets = _budgets(model, chains, width, flops)
-    keep = {}
-    for name, chain in chains.items():
-        kernel = np.abs(ops.convert_to_numpy(chain.layer.kernel))
-        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
-        keep[name] = np.sort(np.argsort(-norms, kind="stable")[: budgets[name]])
-    pruned = surgery.prune_channels(model, keep)
+    if width is not None and flops is not None:
+        raise ValueError("Pass at most one budget: `width` or `flops`.")
+    groups = surgery.channel_groups(model)
+    scores = {name: score(group) for name, group in groups.prunable().items()}
+    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops)
+    pruned = surgery.prune_groups(model, keep, groups)
     if finetune_steps:
         if data is None:
             raise ValueError("`data` is required for `finetune_steps`.")
         _imitate(pruned, model, _inputs_of(data, model), finetune_steps, batch_size, seed)
     return pruned
+
+
+def group_l1_scores(group):
+    """Per-unit L1 norm of a group's producer filters, summed over its layers (each
+    layer's norms divided by their mean, so wide and narrow layers weigh alike)."""
+    total = np.zeros(group.size)
+    for layer, channels in group.producers:
+        kernel = np.abs(ops.convert_to_numpy(layer.kernel))
+        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)[channels]
+        total += norms / max(float(norms.mean()), 1e-30)
+    return total
+
+
+def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+    """Baseline: keep the channels with the largest L1 kernel norm (Li et al. 2017).
+
+    Channels are removed by dependency group (`tfs.surgery.channel_groups`):
+    channels tied by residual adds, depthwise convolutions, concatenations or
+    squeeze-excite go together, scored by the summed norms of their filters.
+    Every prunable group keeps the same fraction (`width`, or for `flops`
+    the largest uniform width within that fraction of the dense MACs).
+
+    Args:
+        model: built Sequential / functional model.
+        width: fraction of channels kept per group.
+        flops: fraction of the dense MACs to keep (`tfs.summary(...).flops`).
+        data: `x` or `(x, y)`, needed with `finetune_steps`.
+        finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+
+    Example:
+
+    >>> small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_cnn(), flops=0.5)
+    >>> round(tfs.summary(small, print_fn=None).flops / tfs.summary(tfs.zoo.mnist1d_cnn(), print_fn=None).flops, 1)
+    0.5
+    """
+    return _prune_by_group_scores(model, group_l1_scores, width, flops, data, finetune_steps,
+                                  batch_size, seed)
+
+
+def random_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+    """Baseline: keep random channels of every dependency group (same budgets as `l1_norm_prune`).
+
+    Args:
+        model: built Sequential / functional model.
+        width: fraction of channels kept per group.
+        flops: fraction of the dense MACs to keep.
+        data: `x` or `(x, y)`, needed with `finetune_steps`.
+        finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+        seed: seeds the choice and the fine-tune.
+
+    Example:
+
+    >>> small = tfs.pruning.random_prune(tfs.zoo.mnist1d_cnn(), width=0.5)
+    >>> [l.filters for l in small.layers if isinstance(l, keras.layers.Conv1D)]
+    [16, 16, 16]
+    """
+    rng = np.random.default_rng(seed)
+    return _prune_by_group_scores(model, lambda group: rng.random(group.size), width, flops, data,
+                                  finetune_steps, batch_size, seed)

@@ -1,4 +1,5 @@
-"""Model surgery: rebuild graphs (`graph`), remove channels (`channels`), strip (`strip`)."""
+"""Model surgery: rebuild graphs (`graph`), remove channels (`channels` for chains,
+`groups` + `group_surgery` for channel dependency groups), strip (`strip`)."""
 
 from tf_sparsity.layer_copy import clone_layer, fresh_layer
 from tf_sparsity.surgery.channels import (
@@ -17,10 +18,13 @@ from tf_sparsity.surgery.graph import (
     wrap_prunable,
     wrappers,
 )
+from tf_sparsity.surgery.group_surgery import group_macs, keep_for_budget, prune_groups, uniform_keep
+from tf_sparsity.surgery.groups import ChannelGroup, ChannelGroups, channel_groups
 from tf_sparsity.surgery.strip import strip
 
 __all__ = [
-    "CHANNEL_PRUNABLE", "ChannelChain", "channel_chains", "channel_contributions", "check_model",
+    "CHANNEL_PRUNABLE", "ChannelChain", "ChannelGroup", "ChannelGroups", "channel_chains",
+    "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
     "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",
     "resolve_skip", "strip", "transfer_weights", "wrap_prunable", "wrappers",
 ]

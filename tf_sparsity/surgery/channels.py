@@ -10,21 +10,16 @@ from keras import ops
 
 from tf_sparsity import _compat
 from tf_sparsity.surgery.graph import check_model, map_layers
+from tf_sparsity.surgery.groups import PASS_THROUGH
 
 __all__ = ["CHANNEL_PRUNABLE", "ChannelChain", "channel_chains", "channel_contributions",
            "prune_channels", "remove_zero_channels"]
 
 
-# Layers a channel passes through unchanged, one channel in -> same channel out.
-_CHANNEL_PRESERVING = (
-    keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU,
-    keras.layers.PReLU, keras.layers.Dropout, keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D, keras.layers.MaxPooling1D, keras.layers.MaxPooling2D,
-    keras.layers.AveragePooling1D, keras.layers.AveragePooling2D, keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D, keras.layers.GlobalAveragePooling1D,
-    keras.layers.GlobalAveragePooling2D, keras.layers.BatchNormalization,
-    keras.layers.LayerNormalization, keras.layers.GaussianNoise, keras.layers.GaussianDropout,
-)
+# Layers a channel passes through unchanged (the dependency groups' list), plus
+# the per-channel layers whose weights a chain slices.
+_CHANNEL_PRESERVING = PASS_THROUGH + (
+    keras.layers.PReLU, keras.layers.BatchNormalization, keras.layers.LayerNormalization)
 CHANNEL_PRUNABLE = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D)
 
 

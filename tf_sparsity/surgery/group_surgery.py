@@ -1,0 +1,234 @@
+"""Surgery on channel dependency groups: the physically smaller model, its MACs.
+
+`prune_groups` removes units of `groups.channel_groups(model)` from every
+layer they touch; `group_macs` counts the MACs a choice of units leaves,
+without building anything (what budget searches call); `uniform_keep` and
+`keep_for_budget` turn a `width` / `flops` budget and per-unit scores into
+a choice of units.
+"""
+
+import numpy as np
+
+from tf_sparsity import _compat
+from tf_sparsity.summarize import summary
+from tf_sparsity.surgery.graph import map_layers
+from tf_sparsity.surgery.groups import channel_groups
+
+__all__ = ["group_macs", "keep_for_budget", "prune_groups", "uniform_keep"]
+
+
+def _check_keep(groups, keep):
+    for name, indices in keep.items():
+        if name not in groups.groups:
+            raise ValueError(f"`keep` names unknown group '{name}'; groups: {sorted(groups.groups)}.")
+        group = groups.groups[name]
+        indices = np.asarray(indices, dtype=np.int64)
+        if group.frozen is not None and len(np.unique(indices)) != group.size:
+            raise ValueError(f"`keep['{name}']`: group '{name}' is frozen ({group.frozen}).")
+        if len(indices) == 0:
+            raise ValueError(f"`keep['{name}']` would empty group '{name}' (layers "
+                             f"{[l.name for l, _ in group.producers]}); keep at least one channel.")
+        if indices.min() < 0 or indices.max() >= group.size:
+            raise ValueError(f"`keep['{name}']` must hold indices in [0, {group.size}).")
+
+
+def group_macs(groups, keep):
+    """MACs per example of the model after keeping `keep` (no model is built).
+
+    Args:
+        groups: `channel_groups(model)`.
+        keep: `{group name: kept unit indices}`; unnamed groups keep all.
+
+    Example:
+
+    >>> import keras, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    >>> g = tfs.surgery.channel_groups(m)
+    >>> int(tfs.surgery.group_macs(g, {})), int(tfs.surgery.group_macs(g, {m.layers[0].name: [0, 1]}))
+    (48, 12)
+    """
+    rows = getattr(groups, "_layer_macs", None)
+    if rows is None:  # the dense count per layer, once per analysis
+        rows = {r.name: r.flops or 0 for r in summary(groups.model, print_fn=None).layers}
+        groups._layer_macs = rows
+    total = sum(rows.values())
+    masks = groups.keep_masks(keep)
+    for layer, kind, _, _ in groups.layers.values():
+        if kind not in ("producer", "depthwise") or not rows.get(layer.name):
+            continue
+        inp, out = masks[id(layer)]
+        fraction = inp.mean() * (out.mean() if kind == "producer" else 1.0)
+        total -= rows[layer.name] * (1.0 - fraction)
+    return total
+
+
+def uniform_keep(groups, width, scores=None):
+    """Keep `width` of every prunable group (at least one unit), best `scores` first.
+
+    `scores` maps group names to per-unit scores (higher is kept); without
+    them the first units are kept.
+    """
+    keep = {}
+    for name, group in groups.prunable().items():
+        n = max(1, int(round(width * group.size)))
+        if scores is None:
+            keep[name] = np.arange(n)
+        else:
+            keep[name] = np.sort(np.argsort(-np.asarray(scores[name]), kind="stable")[:n])
+    return keep
+
+
+def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
+    """Return a smaller copy of `model` keeping the units `keep` of each group.
+
+    Args:
+        model: a built Sequential / functional model.
+        keep: `{group name: indices of units kept}` for groups of
+            `channel_groups(model)`; unnamed groups keep every channel.
+        groups: the `channel_groups(model)` result, if already computed.
+        input_scale: optional `{consumer layer name: factors per kept input row}`
+            folded into that layer's kernel.
+        bias_shift: optional `{consumer layer name: vector over its original
+            outputs}` added to its bias (a bias is created if it had none).
+
+    Every layer the removed units touch is sliced: producer filters and
+    bias, BatchNormalization / PReLU entries, depthwise filters, the input
+    rows of every consumer (per position after a Flatten), `Reshape` targets.
+    With every unit kept it equals the original exactly.
+
+    Example:
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> x = keras.Input((8,))
+    >>> h = keras.layers.Dense(6, name="h")(x)
+    >>> m = keras.Model(x, keras.layers.Dense(2)(keras.layers.Add()([h, keras.layers.Dense(6)(h)])))
+    >>> small = tfs.surgery.prune_groups(m, {"h": [0, 2, 4]})  # h and the Dense it is added to
+    >>> [l.units for l in small.layers if isinstance(l, keras.layers.Dense)]
+    [3, 3, 2]
+    """
+    groups = groups if groups is not None else channel_groups(model)
+    _check_keep(groups, keep)
+    masks = groups.keep_masks(keep)
+    input_scale, bias_shift = input_scale or {}, bias_shift or {}
+    info = {id(layer): (kind,) + masks[key] for key, (layer, kind, _, _) in groups.layers.items()}
+
+    def replace(layer):
+        if id(layer) not in info:
+            return None
+        kind, inp, out = info[id(layer)]
+        config = layer.get_config()
+        changed = False
+        if kind == "producer" and not out.all():
+            config["units" if "units" in config else "filters"] = int(out.sum())
+            changed = True
+        if kind == "producer" and layer.name in bias_shift and not config.get("use_bias", True):
+            config["use_bias"] = changed = True
+        if kind == "reshape" and not out.all():
+            config["target_shape"] = tuple(config["target_shape"][:-1]) + (int(out.sum()),)
+            changed = True
+        if kind == "flatten" and "target_shape" in config and not out.all():
+            config["target_shape"] = (int(np.prod(config["target_shape"])) // len(out) * int(out.sum()),)
+            changed = True
+        if not changed:
+            return None
+        with _compat.unsafe_deserialization():
+            return layer.__class__.from_config(config)
+
+    def transfer(old, new):
+        weights = [w.copy() for w in old.get_weights()]
+        if id(old) in info:
+            kind, inp, out = info[id(old)]
+            if kind == "producer":
+                kernel = weights[0][..., inp, :][..., out]
+                scale = input_scale.get(old.name)
+                if scale is not None:
+                    kernel = kernel * np.asarray(scale, kernel.dtype).reshape((-1, 1))
+                weights[0] = kernel
+                if len(weights) > 1:
+                    weights[1] = weights[1][out]
+                shift = bias_shift.get(old.name)
+                if shift is not None:
+                    shift = np.asarray(shift)[out]  # given over the original outputs
+                    if len(weights) == 1:
+                        weights.append(np.zeros(kernel.shape[-1], kernel.dtype))
+                    weights[1] = (weights[1] + shift).astype(kernel.dtype)
+            elif kind == "depthwise":
+                weights[0] = weights[0][..., inp, :]
+                if len(weights) > 1:
+                    weights[1] = weights[1][inp]
+            elif kind == "per_channel":
+                width = len(inp)
+                weights = [w[..., inp] if w.ndim and w.shape[-1] == width else w for w in weights]
+        new.set_weights(weights)
+
+    return map_layers(model, replace, transfer=transfer)
+
+
+def keep_for_budget(groups, scores, width=None, flops=None):
+    """The units to keep for a `width` or `flops` budget, best `scores` first.
+
+    Args:
+        groups: `channel_groups(model)`.
+        scores: `{group name: per-unit scores}` for every prunable group.
+        width: fraction of every prunable group's channels kept.
+        flops: fraction of the dense MACs: the largest uniform width whose
+            MACs stay within it (bisection on the exact count), then single
+            units added group by group while they fit.
+
+    Raises a `ValueError` when no prunable group exists or the frozen
+    channels make `flops` unreachable (naming them and the smallest MACs).
+
+    Example:
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="h"), keras.layers.Dense(2)])
+    >>> g = tfs.surgery.channel_groups(m)
+    >>> keep = tfs.surgery.keep_for_budget(g, {"h": np.arange(8.0)}, flops=0.5)
+    >>> [int(i) for i in keep["h"]]
+    [4, 5, 6, 7]
+    """
+    prunable = groups.prunable()
+    if not prunable:
+        raise ValueError("`model` has no channel group that can lose channels; frozen: "
+                         f"{groups.frozen or {n: g.frozen for n, g in groups.groups.items()}}.")
+    if width is not None:
+        return uniform_keep(groups, width, scores)
+    dense = group_macs(groups, {})
+    smallest = group_macs(groups, uniform_keep(groups, 0.0)) / dense
+    if flops < smallest:
+        frozen = {n: g.frozen for n, g in groups.groups.items() if g.frozen}
+        raise ValueError(
+            f"`flops={flops}` is below the smallest reachable MACs ({smallest:.3f} of dense, one "
+            f"channel per group); frozen groups: {frozen or 'none'}; frozen layers: "
+            f"{groups.frozen or 'none'}.")
+    lo, hi = 0.0, 1.0
+    best = uniform_keep(groups, 0.0, scores)
+    for _ in range(20):
+        mid = 0.5 * (lo + hi)
+        keep = uniform_keep(groups, mid, scores)
+        if group_macs(groups, keep) / dense > flops:
+            hi = mid
+        else:
+            lo, best = mid, keep
+    return _fill(groups, best, scores, flops, dense)
+
+
+def _fill(groups, keep, scores, flops, dense, rounds=3):
+    """Spend what rounding the uniform width left: add each group's next best unit
+    while the MACs stay within `flops` (small nets, where one channel is a lot)."""
+    for _ in range(rounds):
+        if flops - group_macs(groups, keep) / dense < 0.005:
+            break
+        added = False
+        for name, group in groups.prunable().items():
+            if len(keep[name]) >= group.size:
+                continue
+            order = np.argsort(-np.asarray(scores[name]), kind="stable")
+            extra = next(int(i) for i in order if i not in set(keep[name].tolist()))
+            trial = dict(keep)
+            trial[name] = np.sort(np.append(keep[name], extra))
+            if group_macs(groups, trial) / dense <= flops:
+                keep, added = trial, True
+        if not added:
+            break
+    return keep
