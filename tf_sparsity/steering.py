@@ -11,7 +11,7 @@ from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable
 from tf_sparsity.protocols import HoldsSteerables, Steerable
 
-__all__ = ["solve_threshold_offset", "steerables"]
+__all__ = ["DecayController", "current_sparsity", "solve_threshold_offset", "steerables"]
 
 
 def steerables(model):
@@ -88,3 +88,46 @@ def _numpy_threshold_fn(fn):
     if fn is sparse_ops.THRESHOLD_FUNCTIONS["exponential"]:
         return lambda z: float(np.float32(np.exp(min(z, 80.0))))
     return lambda z: float(ops.convert_to_numpy(fn(ops.convert_to_tensor(np.float32(z)))))
+
+
+def current_sparsity(steerables):
+    """Overall share of zeroed entries over `steerables` at their current thresholds."""
+    zeros = total = 0.0
+    for w in steerables:
+        magnitudes, sizes = w.threshold_magnitudes()
+        magnitudes = magnitudes.ravel()
+        sizes = np.broadcast_to(np.asarray(sizes, "float64"), magnitudes.shape)
+        zeros += float(sizes[magnitudes <= w.threshold_value()].sum())
+        total += float(sizes.sum())
+    return zeros / max(total, 1.0)
+
+
+class DecayController:
+    """Steers learned thresholds by the decay on `s`, with no offset.
+
+    The paper's own knob: the coupled L2 on each layer's `s` pulls a negative
+    `s` towards 0 (raising the threshold). One multiplier `m` on every
+    layer's `threshold_decay` is adapted so the overall sparsity tracks the
+    scheduled target: `m += gain * (target - sparsity) * max(1, |m|)` at each
+    update (integral control; multiplicative once `|m| > 1`), clipped to
+    `[-max_scale, max_scale]`. A negative `m` pushes every `s` away from 0:
+    it is what holds the target when the loss itself raises the thresholds.
+    Every `s_l` stays free: the loss moves each layer's own logit, the decay
+    moves each in proportion to its own value, and no common offset cancels
+    their shared drift.
+    """
+
+    def __init__(self, gain=20.0, max_scale=1e4):
+        self.gain = float(gain)
+        self.max_scale = float(max_scale)
+
+    def update(self, steerables, target_sparsity):
+        """One control step; returns `(multiplier, sparsity before the step)`."""
+        steerables = list(steerables)
+        sparsity = current_sparsity(steerables)
+        scale = float(ops.convert_to_numpy(steerables[0].threshold_decay_scale))
+        scale += self.gain * (target_sparsity - sparsity)
+        scale = float(np.clip(scale, -self.max_scale, self.max_scale))
+        for w in steerables:
+            w.threshold_decay_scale.assign(scale)
+        return scale, sparsity
