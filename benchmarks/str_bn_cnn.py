@@ -137,6 +137,7 @@ def main():
                         r = run_tfmot(target, seed, npz, a) if kind == "tfmot" else run_keras(kind, target, seed, data,
                                                                                              a, gain)
                         rows.append(dict(method=kind, target=target, seed=seed, **r))
+                        write_results(a.out, {"args": vars(a), "rows": rows, "partial": True})
                         print(f"seed {seed} {kind} {target} gain {gain} acc {r['accuracy']:.4f} "
                               f"sp {r['sparsity']:.4f} before-finish {r.get('sparsity_before_finish')} "
                               f"macs {r.get('macs_ratio')} {r.get('layer_sparsity')}", flush=True)
