@@ -104,7 +104,7 @@ def main():
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--s-init", type=float, default=-5.0)
     p.add_argument("--end-fraction", type=float, default=0.7)
-    p.add_argument("--decay-gains", type=float, nargs="+", default=[10.0])
+    p.add_argument("--decay-gains", type=float, nargs="+", default=[1.0])
     p.add_argument("--paper-s-init", type=float, default=-3200.0)
     p.add_argument("--paper-st-decay", type=float, default=1e-2)
     p.add_argument("--no-dense", action="store_true")

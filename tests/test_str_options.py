@@ -45,9 +45,9 @@ def test_options_serialize_and_round_trip(tmp_path):
     assert float(w.threshold_decay_scale) == 7.0
     x = np.ones((2, 8), "float32")
     np.testing.assert_allclose(loaded(x), sparse(x))
-    config = tfs.callbacks.TargetSparsity(0.9, steer="decay", finish="none", decay_gain=5.0).get_config()
+    config = tfs.callbacks.TargetSparsity(0.9, steer="decay", finish="none", decay_gain=0.3).get_config()
     again = tfs.callbacks.TargetSparsity.from_config(config)
-    assert (again.steer, again.finish, again.decay_gain) == ("decay", "none", 5.0)
+    assert (again.steer, again.finish, again.decay_gain) == ("decay", "none", 0.3)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -83,7 +83,7 @@ def test_decay_steering_tracks_the_target_without_an_offset(mnist1d_data):
     (x, y), _ = mnist1d_data
     keras.utils.set_random_seed(0)
     sparse = compile_sgd(tfs.soft_threshold(tfs.zoo.mnist1d_cnn(filters=16, hidden=64), weight_decay=5e-4))
-    steer = tfs.callbacks.TargetSparsity(0.8, steer="decay", finish="none", decay_gain=10.0)
+    steer = tfs.callbacks.TargetSparsity(0.8, steer="decay", finish="none", decay_gain=0.5)
     sparse.fit(x, y, epochs=8, batch_size=128, verbose=0, callbacks=[steer])
     wrappers = tfs.surgery.wrappers(sparse)
     assert all(float(w.threshold_offset) == 0.0 for w in wrappers)

@@ -123,8 +123,8 @@ class TargetSparsity(keras.callbacks.Callback):
             offset at the end of training so the model ends exactly at the
             target (a last correction after all learning); "none" leaves
             the sparsity where the controller brought it.
-        decay_gain: the controller's gain (log-multiplier per unit of
-            sparsity error per update).
+        decay_gain: share of the needed logit shift the decay should make
+            over the next `update_every` steps (1 = all of it).
 
     Example:
 
@@ -134,7 +134,7 @@ class TargetSparsity(keras.callbacks.Callback):
 
     def __init__(self, sparsity=None, begin_step=0, end_step=None, end_fraction=0.7, update_every=20,
                  power=3, on_collapse="warn", *, compression=None, target=None, steer="auto",
-                 finish="offset", decay_gain=20.0):
+                 finish="offset", decay_gain=1.0):
         super().__init__()
         budget = resolve_budget(compression, sparsity, target=target)
         if not 0 < end_fraction <= 1:
@@ -212,7 +212,12 @@ class TargetSparsity(keras.callbacks.Callback):
             step = self._optimizer_step()
         if getattr(self, "mode", "offset") == "decay":
             target = self.current_target(step)
-            scale, sparsity = self._controller.update(self.wrappers, target)
+            opt = self.model.optimizer
+            lr = opt.learning_rate
+            lr = lr(opt.iterations) if callable(lr) else lr
+            scale, sparsity = self._controller.update(
+                self.wrappers, target, float(ops.convert_to_numpy(lr)),
+                getattr(opt, "momentum", 0.0) or 0.0, self.update_every)
             self.trace.append((int(step), float(target), float(sparsity), scale))
             collapsed = [w.steering_name for w in self.wrappers if w.is_collapsed()]
             _report_collapse(collapsed, step, self.on_collapse, self.model, self._reported)

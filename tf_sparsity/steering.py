@@ -105,28 +105,41 @@ def current_sparsity(steerables):
 class DecayController:
     """Steers learned thresholds by the decay on `s`, with no offset.
 
-    The paper's own knob: the coupled L2 on each layer's `s` pulls a negative
-    `s` towards 0 (raising the threshold). One multiplier `m` on every
-    layer's `threshold_decay` is adapted so the overall sparsity tracks the
-    scheduled target: `m += gain * (target - sparsity) * max(1, |m|)` at each
-    update (integral control; multiplicative once `|m| > 1`), clipped to
-    `[-max_scale, max_scale]`. A negative `m` pushes every `s` away from 0:
-    it is what holds the target when the loss itself raises the thresholds.
-    Every `s_l` stays free: the loss moves each layer's own logit, the decay
-    moves each in proportion to its own value, and no common offset cancels
-    their shared drift.
+    The paper's own knob: the coupled L2 on each layer's `s` pulls `s`
+    towards 0 (a negative `s` rises: the threshold grows). At each update
+    the exact offset solver says how far the logits would have to move for
+    the overall sparsity to reach the scheduled target (`b`); the
+    controller then sets one multiplier `m` on every layer's
+    `threshold_decay` so the decay alone moves the mean logit by
+    `gain * b` over the next `update_every` steps (SGD with momentum `beta`
+    moves `s` by `-lr * decay * m * s / (1 - beta)` per step). `m` may be
+    negative (pushing `s` away from 0) when the loss itself raises the
+    thresholds too fast; it is clipped to `[-max_scale, max_scale]`, and
+    the shift aimed for to `[-max_shift, max_shift]` logits per update.
+    Every `s_l` stays free: the decay moves each in proportion to its own
+    value, the loss moves each by its own gradient, and no common offset
+    is added to (or cancels) their shared drift.
     """
 
-    def __init__(self, gain=20.0, max_scale=1e4):
+    def __init__(self, gain=1.0, max_scale=1e4, max_shift=2.0):
         self.gain = float(gain)
+        self.max_shift = float(max_shift)
         self.max_scale = float(max_scale)
 
-    def update(self, steerables, target_sparsity):
+    def update(self, steerables, target_sparsity, learning_rate, momentum=0.0, update_every=1):
         """One control step; returns `(multiplier, sparsity before the step)`."""
         steerables = list(steerables)
         sparsity = current_sparsity(steerables)
-        scale = float(ops.convert_to_numpy(steerables[0].threshold_decay_scale))
-        scale += self.gain * (target_sparsity - sparsity)
+        shift, _ = solve_threshold_offset(steerables, target_sparsity)
+        shift = float(np.clip(shift, -self.max_shift, self.max_shift))  # no leaps at the ramp's ends
+        logits = np.array([float(ops.convert_to_numpy(w.threshold_logit)) for w in steerables])
+        rate = np.mean([w.s_decay * w.threshold_lr_scale for w in steerables])
+        per_step = float(learning_rate) * rate / max(1e-6, 1.0 - float(momentum))
+        mean_s = float(np.mean(logits))
+        if per_step <= 0 or abs(mean_s) < 1e-6:
+            scale = 0.0
+        else:
+            scale = -self.gain * shift / (per_step * mean_s * max(1, update_every))
         scale = float(np.clip(scale, -self.max_scale, self.max_scale))
         for w in steerables:
             w.threshold_decay_scale.assign(scale)
