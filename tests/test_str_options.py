@@ -72,7 +72,7 @@ def test_auto_mode_picks_decay_for_learned_thresholds_and_offset_otherwise(mnist
     for learn, expected in [(True, "decay"), (False, "offset")]:
         sparse = compile_sgd(tfs.soft_threshold(tfs.zoo.mnist1d_cnn(filters=8, hidden=16), weight_decay=5e-4,
                                                 learn_threshold=learn))
-        steer = tfs.callbacks.TargetSparsity(0.5, end_step=4)
+        steer = tfs.callbacks.TargetSparsity(0.5, end_step=4, steer="auto")
         sparse.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0, callbacks=[steer])
         assert steer.mode == expected
         assert abs(tfs.sparsity(sparse) - 0.5) <= 0.01  # finish="offset" lands on the target

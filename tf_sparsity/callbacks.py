@@ -95,8 +95,7 @@ class TargetSparsity(keras.callbacks.Callback):
     `target` at `end_step` and holds it after. With `steer="offset"` every
     `update_every` steps sets a common offset `b` on all thresholds,
     `g(s_l + b)` (exact; the mode for one shared threshold level,
-    `learn_threshold=False`). With `steer="decay"` (the default for learned
-    thresholds) nothing is added to the thresholds while training: the
+    `learn_threshold=False`). With `steer="decay"` (experimental) nothing is added to the thresholds while training: the
     decay on every `s_l` is scaled up or down so the sparsity tracks the
     ramp, each `s_l` stays learned by the loss and its decay, and one
     final offset (`finish="offset"`) lands the model exactly on the target.
@@ -112,13 +111,14 @@ class TargetSparsity(keras.callbacks.Callback):
         end_fraction: used when `end_step` is None.
         update_every: steps between offset updates.
         on_collapse: "warn", "stop" or "raise" when a layer becomes all zero.
-        steer: "offset" (a common offset `b` on all thresholds, found
-            exactly by bisection; the mode for `learn_threshold=False`),
-            "decay" (no offset during training: a controller scales every
-            layer's decay on `s`, the paper's knob, so each learned `s_l`
-            stays free; see `tf_sparsity.steering.DecayController`) or
-            "auto" (default: "decay" when every wrapper learns its threshold
-            with a nonzero decay on `s`, else "offset").
+        steer: "offset" (default: a common offset `b` on all thresholds,
+            found exactly by bisection; the mode for `learn_threshold=False`),
+            "decay" (experimental: no offset during training, a controller
+            scales every layer's decay on `s`, the paper's knob, so each
+            learned `s_l` stays free; see
+            `tf_sparsity.steering.DecayController` and docs/str.md for its
+            measured state) or "auto" ("decay" when every wrapper learns
+            its threshold with a nonzero decay on `s`, else "offset").
         finish: with `steer="decay"`, "offset" (default) sets one common
             offset at the end of training so the model ends exactly at the
             target (a last correction after all learning); "none" leaves
@@ -133,7 +133,7 @@ class TargetSparsity(keras.callbacks.Callback):
     """
 
     def __init__(self, sparsity=None, begin_step=0, end_step=None, end_fraction=0.7, update_every=20,
-                 power=3, on_collapse="warn", *, compression=None, target=None, steer="auto",
+                 power=3, on_collapse="warn", *, compression=None, target=None, steer="offset",
                  finish="offset", decay_gain=1.0):
         super().__init__()
         budget = resolve_budget(compression, sparsity, target=target)
