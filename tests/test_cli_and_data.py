@@ -57,7 +57,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     for name in ("report.md", "layer_sparsity.png", "accuracy_vs_sparsity.png", "str_dynamics.png",
                  "learned_ranks.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| str |" in (tmp_path / "report.md").read_text()
+    assert "| str-shared |" in (tmp_path / "report.md").read_text()
 
 
 def test_summary_command(tmp_path, capsys):
