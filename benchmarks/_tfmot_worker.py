@@ -29,6 +29,18 @@ def cnn():
     return keras.Model(inputs, L.Dense(10)(x))
 
 
+def cnn_bn():
+    # tfs.zoo.mnist1d_cnn_bn: conv-BN-ReLU x3 (no conv bias), dense, dense.
+    L = keras.layers
+    inputs = keras.Input((40, 1))
+    x = inputs
+    for size, stride in [(5, 1), (3, 2), (3, 2)]:
+        x = L.Conv1D(32, size, strides=stride, padding="same", use_bias=False)(x)
+        x = L.ReLU()(L.BatchNormalization()(x))
+    x = L.Dense(256, activation="relu")(L.Flatten()(x))
+    return keras.Model(inputs, L.Dense(10)(x))
+
+
 def lenet():
     L = keras.layers
     inputs = keras.Input((40, 1))
@@ -38,7 +50,7 @@ def lenet():
     return keras.Model(inputs, L.Dense(10)(x))
 
 
-MODELS = {"cnn": cnn, "lenet": lenet}
+MODELS = {"cnn": cnn, "cnn_bn": cnn_bn, "lenet": lenet}
 
 
 class StepTimer(keras.callbacks.Callback):

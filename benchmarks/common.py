@@ -19,6 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 HERE = pathlib.Path(__file__).parent
 RESULTS = HERE / "results"
+# The tfmot baseline runs in its own process; TFS_BASELINE_PYTHON names an
+# interpreter with `tf-keras` and `tensorflow-model-optimization` (a separate
+# venv), default: this one (the `baseline` extra installed alongside).
+BASELINE_PYTHON = os.environ.get("TFS_BASELINE_PYTHON", sys.executable)
 _ROOT = HERE.parent
 if str(_ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(_ROOT))

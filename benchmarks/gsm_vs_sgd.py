@@ -17,7 +17,8 @@
    method starts from the same dense model (`--epochs` 20, SGD-Nesterov 0.9,
    lr `--lr`, cosine, L2 `--weight-decay` 5e-4) and gets `--gsm-epochs` 40
    more with the same optimizer (momentum 0.99, Nesterov, lr `--gsm-lr`
-   0.02 cosine, L2 `--gsm-weight-decay` 5e-3):
+   0.02 cosine, L2 `--gsm-weight-decay` 5e-3 on the kernels only for every
+   row: GSM's `decay_scope="kernels"`, the others' kernel_regularizer):
    - dense, continued: no mask (the control);
    - GSM (`--methods gsm gsm-sample`): `GlobalSparseMomentum` with the exact
      or the sampled threshold, then `final_prune`, no fine-tuning;
@@ -37,7 +38,7 @@ import tempfile
 import sys
 import time
 
-from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import BASELINE_PYTHON, HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -183,7 +184,7 @@ def run_tfmot(compression, seed, data, a, weights, workdir):
     npz = pathlib.Path(workdir) / f"dense_{a.model}_{seed}.npz"
     (x, y), (xt, yt) = data
     np.savez(npz, x=x, y=y, x_test=xt, y_test=yt, **{f"w{i}": w for i, w in enumerate(weights)})
-    cmd = [sys.executable, str(HERE / "_tfmot_worker.py"), "--data", str(npz), "--model", a.model,
+    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), "--data", str(npz), "--model", a.model,
            "--init-weights", "--sparsity", str(1 - 1 / compression), "--seed", str(seed),
            "--epochs", str(a.gsm_epochs), "--lr", str(a.gsm_lr), "--momentum", "0.99",
            "--weight-decay", str(a.gsm_weight_decay)]
@@ -203,7 +204,8 @@ def run_gsm(compression, seed, data, a, weights=None, threshold_method="histogra
     steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
     schedule = keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
     opt = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=a.gsm_weight_decay,
-                               compression=compression, threshold_method=threshold_method)
+                               compression=compression, threshold_method=threshold_method,
+                               decay_scope=a.gsm_decay_scope)
     result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt,
                               callbacks=[GSMMonitor()])
     active = opt.active_fractions()
@@ -303,6 +305,8 @@ def main():
     p.add_argument("--gsm-lr", type=float, default=0.02, help="GSM learning rate (momentum 0.99)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
     p.add_argument("--gsm-weight-decay", type=float, default=5e-3, help="GSM coupled L2")
+    p.add_argument("--gsm-decay-scope", choices=["kernels", "all"], default="kernels",
+                   help="GSM's L2 scope; 'kernels' = every other row's (kernel_regularizer / tfmot)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     p.add_argument("--timing-models", nargs="+", default=["mlp", "mobilenet"], choices=sorted(TIMING_MODELS))
     p.add_argument("--reps", type=int, default=30)

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import BASELINE_PYTHON, HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,7 +44,7 @@ def run_keras(kind, target, seed, data, a):
 
 
 def run_tfmot(target, seed, npz, a):
-    cmd = [sys.executable, str(HERE / "_tfmot_worker.py"), "--data", npz, "--sparsity", str(target),
+    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), "--data", npz, "--sparsity", str(target),
            "--seed", str(seed), "--epochs", str(a.epochs), "--weight-decay", str(a.weight_decay),
            "--end-fraction", str(a.end_fraction)]
     out = subprocess.run(cmd, capture_output=True, text=True)

@@ -41,7 +41,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     assert cli.main(["demo", "--quick", "--output", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     methods = [r["method"] for r in results]
-    assert methods == ["dense", "str", "str-block1x4", "str-learned", "gsm", "synflow", "greedy", "lowrank-gru"]
+    assert methods == ["dense", "str-shared", "str-block1x4", "str-learned", "gsm", "synflow", "greedy", "lowrank-gru"]
     for r in results:
         if r["target"] is not None and r["method"] != "lowrank-gru":  # its target counts factor weights
             assert abs(r["sparsity"] - r["target"]) <= 0.01, r["method"]
@@ -57,7 +57,7 @@ def test_demo_quick_writes_report(tmp_path, capsys):
     for name in ("report.md", "layer_sparsity.png", "accuracy_vs_sparsity.png", "str_dynamics.png",
                  "learned_ranks.png"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "| str |" in (tmp_path / "report.md").read_text()
+    assert "| str-shared |" in (tmp_path / "report.md").read_text()
 
 
 def test_summary_command(tmp_path, capsys):

@@ -70,8 +70,10 @@ def test_custom_training_loop_with_apply(mnist1d_data):
 
 
 # ------------------------------------------------------------- update math
-def numpy_gsm(weights, grads_per_step, pool, q, lr, beta, eta, nesterov):
-    """Reference: z <- beta z + eta w + B*g; w <- w - lr z (PyTorch-style Nesterov)."""
+def numpy_gsm(weights, grads_per_step, pool, q, lr, beta, eta, nesterov, decay_scope="kernels"):
+    """Reference: z <- beta z + eta w + B*g; w <- w - lr z (PyTorch-style Nesterov).
+
+    `decay_scope="kernels"` (the official code) decays only rank >= 2 variables."""
     w = [np.array(v, "float64") for v in weights]
     z = [np.zeros_like(v) for v in w]
     for grads in grads_per_step:
@@ -84,7 +86,8 @@ def numpy_gsm(weights, grads_per_step, pool, q, lr, beta, eta, nesterov):
             start += w[i].size
         for i in range(len(w)):
             g = grads[i] * masks[i] if i in masks else grads[i]
-            d = g + eta * w[i]
+            decays = decay_scope == "all" or w[i].ndim >= 2
+            d = g + eta * w[i] if decays else g
             z[i] = beta * z[i] + d
             w[i] = w[i] - lr * (d + beta * z[i] if nesterov else z[i])
     return w, z
@@ -93,7 +96,8 @@ def numpy_gsm(weights, grads_per_step, pool, q, lr, beta, eta, nesterov):
 @pytest.mark.parametrize("method", ["histogram", "sample"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_update_rule_matches_numpy(nesterov, fused, method, monkeypatch):
+@pytest.mark.parametrize("decay_scope", ["kernels", "all"])
+def test_update_rule_matches_numpy(nesterov, fused, method, decay_scope, monkeypatch):
     # A 20-weight pool fits in the sample: "sample" is exact here too.
     monkeypatch.setattr(GlobalSparseMomentum, "fused_kernel", fused)
     model = tiny_model()
@@ -102,12 +106,12 @@ def test_update_rule_matches_numpy(nesterov, fused, method, monkeypatch):
     rng = np.random.default_rng(1)
     grads = [[rng.normal(size=v.shape).astype("float32") for v in variables] for _ in range(4)]
     opt = GlobalSparseMomentum(0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01, compression=4,
-                               threshold_method=method)
+                               threshold_method=method, decay_scope=decay_scope)
     for g in grads:
         opt.apply([tf.constant(a) for a in g], variables)
     assert opt.pool_size == 20 and opt.q == 5
     expected, momenta = numpy_gsm(start, grads, pool=[0, 2], q=5, lr=0.1, beta=0.9, eta=0.01,
-                                  nesterov=nesterov)
+                                  nesterov=nesterov, decay_scope=decay_scope)
     for v, e in zip(variables, expected):
         np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-6, err_msg=v.path)
     for z, e in zip(opt.momentums, momenta):
@@ -230,6 +234,7 @@ def test_jit_compiled_step_falls_back_to_exact(mnist1d_data):
     (dict(compression=10, ramp_steps=-1), "`ramp_steps`"),
     (dict(compression=10, pool=3), "`pool` must be None"),
     (dict(compression=10, count_every=0), "`count_every`"),
+    (dict(compression=10, decay_scope="bias"), "`decay_scope`"),
 ])
 def test_bad_arguments_raise_one_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -262,8 +267,10 @@ def test_config_round_trip():
     schedule = keras.optimizers.schedules.CosineDecay(0.02, 100)
     opt = GlobalSparseMomentum(schedule, momentum=0.95, nesterov=True, weight_decay=1e-3,
                                sparsity=0.9, threshold_method="exact", metric="magnitude",
-                               ramp_steps=50, pool=[r"/kernel$"], count_every=3, clipnorm=1.0)
+                               ramp_steps=50, pool=[r"/kernel$"], count_every=3, clipnorm=1.0,
+                               decay_scope="all")
     config = opt.get_config()
+    assert config["decay_scope"] == "all" and GlobalSparseMomentum(0.1, compression=2).decay_scope == "kernels"
     assert config["weight_decay"] == 1e-3 and opt.weight_decay is None  # coupled L2 lives in `l2`
     clone = GlobalSparseMomentum.from_config(config)
     assert clone.get_config() == config

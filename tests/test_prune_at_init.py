@@ -170,6 +170,16 @@ def test_snip_and_grasp_use_training_mode_and_leave_bn_stats(mnist1d_data):
         loss = LOSS(batch[1], sparse_before(batch[0], training=False))
     eval_grads = tape.gradient(loss, kernels)
     assert not np.allclose(np.abs(eval_grads[0].numpy() * kernels[0].numpy()), snip["conv1"][0])
+    # bn_mode="eval" (the SynFlow paper's code) scores with the moving statistics.
+    snip_eval = tfs.pruning.scores(model, "snip", data=batch, loss=LOSS, bn_mode="eval")
+    fresh = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)  # untouched moving statistics
+    fresh_kernels = [w.kernels[0] for w in tfs.surgery.wrappers(fresh)]
+    with tf.GradientTape() as tape:
+        loss = LOSS(batch[1], fresh(batch[0], training=False))
+    reference = np.abs(tape.gradient(loss, fresh_kernels)[0].numpy() * fresh_kernels[0].numpy())
+    np.testing.assert_allclose(snip_eval["conv1"][0], reference, rtol=1e-4, atol=1e-9)
+    with pytest.raises(ValueError, match="`bn_mode`"):
+        tfs.pruning.scores(model, "snip", data=batch, loss=LOSS, bn_mode="inference")
     # Scoring restores normalization statistics.
     pruned = tfs.prune_at_init(model, "grasp", compression=10, data=batch, loss=LOSS, verbose=0)
     for v, s in zip(pruned.get_layer("bn1").non_trainable_variables, stats):

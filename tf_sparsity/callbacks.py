@@ -8,7 +8,7 @@ from tf_sparsity.budget import resolve_budget
 from tf_sparsity.logs import publish
 from tf_sparsity.collapse import LayerCollapseError, LayerCollapseWarning, check_on_collapse, report_collapse
 from tf_sparsity.schedules import PolynomialRamp
-from tf_sparsity.steering import solve_threshold_offset, steerables
+from tf_sparsity.steering import DecayController, current_sparsity, solve_threshold_offset, steerables
 from tf_sparsity.summarize import summary
 
 __all__ = ["LayerCollapseError", "LayerCollapseWarning", "SparsityMonitor", "TargetSparsity", "publish"]
@@ -91,11 +91,14 @@ class SparsityMonitor(keras.callbacks.Callback):
 class TargetSparsity(keras.callbacks.Callback):
     """Steers STR thresholds so training ends at a requested overall sparsity.
 
-    Every `update_every` steps it sets a common offset `b` on all thresholds,
-    `g(s_l + b)`, so the overall sparsity follows a cubic ramp from 0 at
-    `begin_step` to `target` at `end_step` and holds it after. Each layer's
-    own logit `s_l` is still learned by the loss and its decay, so layers keep
-    their own shares (non-uniform budgets); only the global level is steered.
+    The overall sparsity follows a cubic ramp from 0 at `begin_step` to
+    `target` at `end_step` and holds it after. With `steer="offset"` every
+    `update_every` steps sets a common offset `b` on all thresholds,
+    `g(s_l + b)` (exact; the mode for one shared threshold level,
+    `learn_threshold=False`). With `steer="decay"` (experimental) nothing is added to the thresholds while training: the
+    decay on every `s_l` is scaled up or down so the sparsity tracks the
+    ramp, each `s_l` stays learned by the loss and its decay, and one
+    final offset (`finish="offset"`) lands the model exactly on the target.
     The schedule reads `optimizer.iterations`, so training resumed from a
     checkpoint continues the same schedule.
 
@@ -108,6 +111,20 @@ class TargetSparsity(keras.callbacks.Callback):
         end_fraction: used when `end_step` is None.
         update_every: steps between offset updates.
         on_collapse: "warn", "stop" or "raise" when a layer becomes all zero.
+        steer: "offset" (default: a common offset `b` on all thresholds,
+            found exactly by bisection; the mode for `learn_threshold=False`),
+            "decay" (experimental: no offset during training, a controller
+            scales every layer's decay on `s`, the paper's knob, so each
+            learned `s_l` stays free; see
+            `tf_sparsity.steering.DecayController` and docs/str.md for its
+            measured state) or "auto" ("decay" when every wrapper learns
+            its threshold with a nonzero decay on `s`, else "offset").
+        finish: with `steer="decay"`, "offset" (default) sets one common
+            offset at the end of training so the model ends exactly at the
+            target (a last correction after all learning); "none" leaves
+            the sparsity where the controller brought it.
+        decay_gain: share of the needed logit shift the decay should make
+            over the next `update_every` steps (1 = all of it).
 
     Example:
 
@@ -116,7 +133,8 @@ class TargetSparsity(keras.callbacks.Callback):
     """
 
     def __init__(self, sparsity=None, begin_step=0, end_step=None, end_fraction=0.7, update_every=20,
-                 power=3, on_collapse="warn", *, compression=None, target=None):
+                 power=3, on_collapse="warn", *, compression=None, target=None, steer="offset",
+                 finish="offset", decay_gain=1.0):
         super().__init__()
         budget = resolve_budget(compression, sparsity, target=target)
         if not 0 < end_fraction <= 1:
@@ -126,6 +144,13 @@ class TargetSparsity(keras.callbacks.Callback):
         if end_step is not None and end_step < begin_step:
             raise ValueError(f"`end_step` ({end_step}) must be >= `begin_step` ({begin_step}).")
         check_on_collapse(on_collapse)
+        if steer not in ("auto", "offset", "decay"):
+            raise ValueError(f"`steer` must be 'auto', 'offset' or 'decay'; received {steer!r}.")
+        if finish not in ("offset", "none"):
+            raise ValueError(f"`finish` must be 'offset' or 'none'; received {finish!r}.")
+        self.steer = steer
+        self.finish = finish
+        self.decay_gain = float(decay_gain)
         self.budget = budget
         self.target = budget.target_sparsity
         self.begin_step = int(begin_step)
@@ -145,8 +170,24 @@ class TargetSparsity(keras.callbacks.Callback):
             )
         return found
 
+    def _mode(self):
+        if self.steer != "auto":
+            return self.steer
+        decay = all(getattr(w, "learn_threshold", False) and getattr(w, "s_decay", 0)
+                    and hasattr(w, "threshold_decay_scale") for w in self.wrappers)
+        return "decay" if decay else "offset"
+
     def on_train_begin(self, logs=None):
         self.wrappers = self._wrappers()
+        self.mode = self._mode()
+        if self.mode == "decay":
+            bad = [w.steering_name for w in self.wrappers if not hasattr(w, "threshold_decay_scale")]
+            if bad:
+                raise ValueError(f"`steer='decay'` needs SoftThreshold wrappers; {bad} have no decay on `s`.")
+            self._controller = DecayController(self.decay_gain)
+            for wrapper in self.wrappers:  # the dynamics carry no offset
+                wrapper.threshold_offset.assign(0.0)
+            self.trace = []  # (step, scheduled target, sparsity, decay multiplier)
         if self.end_step is None:
             epochs = (self.params or {}).get("epochs")
             steps = (self.params or {}).get("steps")
@@ -169,6 +210,18 @@ class TargetSparsity(keras.callbacks.Callback):
         """Set the threshold offsets for `step` (default: the optimizer's). Custom loops call this."""
         if step is None:
             step = self._optimizer_step()
+        if getattr(self, "mode", "offset") == "decay":
+            target = self.current_target(step)
+            opt = self.model.optimizer
+            lr = opt.learning_rate
+            lr = lr(opt.iterations) if callable(lr) else lr
+            scale, sparsity = self._controller.update(
+                self.wrappers, target, float(ops.convert_to_numpy(lr)),
+                getattr(opt, "momentum", 0.0) or 0.0, self.update_every)
+            self.trace.append((int(step), float(target), float(sparsity), scale))
+            collapsed = [w.steering_name for w in self.wrappers if w.is_collapsed()]
+            _report_collapse(collapsed, step, self.on_collapse, self.model, self._reported)
+            return scale
         offset, collapsed = solve_threshold_offset(self.wrappers, self.current_target(step))
         for wrapper in self.wrappers:
             wrapper.threshold_offset.assign(offset)
@@ -185,13 +238,22 @@ class TargetSparsity(keras.callbacks.Callback):
             self.update(self._step)
 
     def on_train_end(self, logs=None):
+        if getattr(self, "mode", "offset") == "decay":
+            self.update()
+            self.sparsity_before_finish = current_sparsity(self.wrappers)
+            if self.finish == "offset":
+                offset, collapsed = solve_threshold_offset(self.wrappers, self.current_target(self._optimizer_step()))
+                for wrapper in self.wrappers:
+                    wrapper.threshold_offset.assign(offset)
+            return
         self.update()
 
     def get_config(self):
         return {
             "sparsity": self.budget.sparsity, "compression": self.budget.compression, "begin_step": self.begin_step, "end_step": self.end_step,
             "end_fraction": self.end_fraction, "update_every": self.update_every,
-            "power": self.power, "on_collapse": self.on_collapse,
+            "power": self.power, "on_collapse": self.on_collapse, "steer": self.steer,
+            "finish": self.finish, "decay_gain": self.decay_gain,
         }
 
     @classmethod

@@ -54,7 +54,7 @@ def _methods(quick, epochs, steps_per_epoch):
         return model, {}, strip
 
     runs = [("dense", None, lambda dense: (dense, {}, lambda m: m))]
-    runs += [("str", t, str_run(t, False)) for t in targets]
+    runs += [("str-shared", t, str_run(t, False)) for t in targets]
     runs += [("str-block1x4", 0.9, str_run(0.9, False, "block")), ("str-learned", 0.9, str_run(0.9, True)),
              ("gsm", 0.9, gsm), ("synflow", 0.9, synflow)]
     runs += [("greedy", None, None)]  # prunes the trained dense model, no training of its own
@@ -114,7 +114,7 @@ def run_demo(output="demo_out", quick=False, epochs=None, seed=0, verbose=1):
 
     table = _table(results)
     say("\n" + table)
-    best = f"str@{max(r['target'] for r in results if r['method'] == 'str'):.2f}"
+    best = f"str-shared@{max(r['target'] for r in results if r['method'] == 'str-shared'):.2f}"
     say("\n" + str(reports[best]))
     plots.layer_sparsity_bars({k: v for k, v in reports.items() if k.startswith(("str", "gsm", "synflow"))},
                               out / "layer_sparsity.png")

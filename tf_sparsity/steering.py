@@ -11,7 +11,7 @@ from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable
 from tf_sparsity.protocols import HoldsSteerables, Steerable
 
-__all__ = ["solve_threshold_offset", "steerables"]
+__all__ = ["DecayController", "current_sparsity", "solve_threshold_offset", "steerables"]
 
 
 def steerables(model):
@@ -88,3 +88,59 @@ def _numpy_threshold_fn(fn):
     if fn is sparse_ops.THRESHOLD_FUNCTIONS["exponential"]:
         return lambda z: float(np.float32(np.exp(min(z, 80.0))))
     return lambda z: float(ops.convert_to_numpy(fn(ops.convert_to_tensor(np.float32(z)))))
+
+
+def current_sparsity(steerables):
+    """Overall share of zeroed entries over `steerables` at their current thresholds."""
+    zeros = total = 0.0
+    for w in steerables:
+        magnitudes, sizes = w.threshold_magnitudes()
+        magnitudes = magnitudes.ravel()
+        sizes = np.broadcast_to(np.asarray(sizes, "float64"), magnitudes.shape)
+        zeros += float(sizes[magnitudes <= w.threshold_value()].sum())
+        total += float(sizes.sum())
+    return zeros / max(total, 1.0)
+
+
+class DecayController:
+    """Steers learned thresholds by the decay on `s`, with no offset.
+
+    The paper's own knob: the coupled L2 on each layer's `s` pulls `s`
+    towards 0 (a negative `s` rises: the threshold grows). At each update
+    the exact offset solver says how far the logits would have to move for
+    the overall sparsity to reach the scheduled target (`b`); the
+    controller then sets one multiplier `m` on every layer's
+    `threshold_decay` so the decay alone moves the mean logit by
+    `gain * b` over the next `update_every` steps (SGD with momentum `beta`
+    moves `s` by `-lr * decay * m * s / (1 - beta)` per step). `m` may be
+    negative (pushing `s` away from 0) when the loss itself raises the
+    thresholds too fast; it is clipped to `[-max_scale, max_scale]`, and
+    the shift aimed for to `[-max_shift, max_shift]` logits per update.
+    Every `s_l` stays free: the decay moves each in proportion to its own
+    value, the loss moves each by its own gradient, and no common offset
+    is added to (or cancels) their shared drift.
+    """
+
+    def __init__(self, gain=1.0, max_scale=1e4, max_shift=2.0):
+        self.gain = float(gain)
+        self.max_shift = float(max_shift)
+        self.max_scale = float(max_scale)
+
+    def update(self, steerables, target_sparsity, learning_rate, momentum=0.0, update_every=1):
+        """One control step; returns `(multiplier, sparsity before the step)`."""
+        steerables = list(steerables)
+        sparsity = current_sparsity(steerables)
+        shift, _ = solve_threshold_offset(steerables, target_sparsity)
+        shift = float(np.clip(shift, -self.max_shift, self.max_shift))  # no leaps at the ramp's ends
+        logits = np.array([float(ops.convert_to_numpy(w.threshold_logit)) for w in steerables])
+        rate = np.mean([w.s_decay * w.threshold_lr_scale for w in steerables])
+        per_step = float(learning_rate) * rate / max(1e-6, 1.0 - float(momentum))
+        mean_s = float(np.mean(logits))
+        if per_step <= 0 or abs(mean_s) < 1e-6:
+            scale = 0.0
+        else:
+            scale = -self.gain * shift / (per_step * mean_s * max(1, update_every))
+        scale = float(np.clip(scale, -self.max_scale, self.max_scale))
+        for w in steerables:
+            w.threshold_decay_scale.assign(scale)
+        return scale, sparsity

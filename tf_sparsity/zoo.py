@@ -29,6 +29,37 @@ def mnist1d_cnn(filters=32, hidden=256, num_classes=10, seq_len=40, weight_decay
     return keras.Model(inputs, outputs, name=name)
 
 
+def mnist1d_cnn_bn(filters=32, hidden=256, num_classes=10, seq_len=40, weight_decay=0.0,
+                   kernel_initializer="glorot_uniform", name="mnist1d_cnn_bn"):
+    """`mnist1d_cnn` with BatchNormalization after every convolution (STR's ResNets have it).
+
+    conv-BN-ReLU x3 (no conv bias: BN's offset replaces it), dense, dense.
+    `kernel_initializer="kaiming"` starts the kernels as the STR code does
+    (PyTorch `kaiming_normal_`, fan-in, untruncated: He normal); any Keras
+    initializer works. `weight_decay` as in `mnist1d_cnn` (kernels only).
+
+    >>> [l.name for l in tfs.zoo.mnist1d_cnn_bn().layers if "bn" in l.name]
+    ['bn1', 'bn2', 'bn3']
+    """
+    layers = keras.layers
+    if kernel_initializer == "kaiming":
+        kernel_initializer = keras.initializers.VarianceScaling(2.0, "fan_in", "untruncated_normal")
+    reg = _l2(weight_decay)
+    common = dict(padding="same", use_bias=False, kernel_regularizer=reg, kernel_initializer=kernel_initializer)
+    inputs = keras.Input((seq_len, 1), name="signal")
+    x = inputs
+    for i, (size, stride) in enumerate([(5, 1), (3, 2), (3, 2)], start=1):
+        x = layers.Conv1D(filters, size, strides=stride, name=f"conv{i}", **common)(x)
+        x = layers.BatchNormalization(name=f"bn{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(hidden, activation="relu", kernel_regularizer=reg, kernel_initializer=kernel_initializer,
+                     name="fc1")(x)
+    outputs = layers.Dense(num_classes, kernel_regularizer=reg, kernel_initializer=kernel_initializer,
+                           name="logits")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def mnist1d_mlp(hidden=(512, 512), num_classes=10, seq_len=40, weight_decay=0.0, name="mnist1d_mlp"):
     """A Dense-only MNIST-1D classifier (block-sparse FC experiments)."""
     reg = _l2(weight_decay)

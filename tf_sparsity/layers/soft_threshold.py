@@ -25,17 +25,31 @@ class SoftThreshold(KernelWrapper):
     back when the threshold falls. `offset` is a non-trainable scalar that
     `tfs.callbacks.TargetSparsity` steers; it is 0 otherwise.
 
-    `weight_decay` adds `weight_decay / 2 * (||W||^2 + s^2)` to the model
-    losses: coupled L2 that flows through the gradient and momentum as in the
-    reference (PyTorch SGD `weight_decay`). This decay on `s` is what raises
-    the threshold over training. Do not use the optimizer's decoupled
-    `weight_decay` argument for it: that never touches `s` through the loss.
+    `weight_decay` adds `weight_decay / 2 * ||W||^2` and
+    `threshold_decay / 2 * s^2` to the model losses: coupled L2 that flows
+    through the gradient and momentum as in the reference (PyTorch SGD
+    `weight_decay`; the reference's `--st-decay` is `threshold_decay`, which
+    defaults to `weight_decay`). This decay on `s` is what raises the
+    threshold over training (it pulls a negative `s` towards 0). Do not use
+    the optimizer's decoupled `weight_decay` argument for it: that never
+    touches `s` through the loss.
 
     Args:
         layer: a prunable Keras layer (Dense, Conv*, Embedding, ...).
         s_init: initial threshold logit. Very negative values (e.g. -5 with
             sigmoid, g = 0.0067) start almost dense.
-        weight_decay: coupled L2 coefficient on the kernels and on `s`.
+        weight_decay: coupled L2 coefficient on the kernels (and on `s`
+            unless `threshold_decay` is given).
+        threshold_decay: coupled L2 coefficient on `s` (the reference's
+            `--st-decay`); None = `weight_decay`. A non-trainable multiplier
+            `threshold_decay_scale` (1 by default) scales it;
+            `TargetSparsity(steer="decay")` steers that multiplier.
+        threshold_lr_scale: multiplies the whole gradient on `s` (loss and
+            decay) by this factor; the forward value is unchanged. Under
+            plain or momentum SGD this is a per-layer learning-rate scale for
+            `s` (0.1 = `s` learns 10x slower); under Adam/RMSprop, which
+            normalize each variable's gradient, a constant scale cancels out
+            (apart from `epsilon`) and does nothing.
         threshold_fn: "sigmoid", "exponential", or a serializable callable.
         granularity: "weight" (the paper), "block" (groups of `block_shape`
             along the kernel's last two axes, (in, out); the default (4, 1)
@@ -62,11 +76,18 @@ class SoftThreshold(KernelWrapper):
     name_prefix = "str"
 
     def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
-                 learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True, **kwargs):
+                 learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
+                 threshold_decay=None, threshold_lr_scale=1.0, **kwargs):
         if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
             raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
             raise ValueError(f"`weight_decay` must be a number >= 0; received {weight_decay!r}.")
+        if threshold_decay is not None and (not isinstance(threshold_decay, (int, float))
+                                            or isinstance(threshold_decay, bool) or threshold_decay < 0):
+            raise ValueError(f"`threshold_decay` must be None or a number >= 0; received {threshold_decay!r}.")
+        if (not isinstance(threshold_lr_scale, (int, float)) or isinstance(threshold_lr_scale, bool)
+                or not math.isfinite(threshold_lr_scale) or threshold_lr_scale < 0):
+            raise ValueError(f"`threshold_lr_scale` must be a finite number >= 0; received {threshold_lr_scale!r}.")
         if granularity not in GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}; received {granularity!r}.")
         block_shape = tuple(block_shape)
@@ -83,6 +104,13 @@ class SoftThreshold(KernelWrapper):
         self.weight_decay = float(weight_decay)
         self.threshold_fn = sparse_ops.get_threshold_fn(threshold_fn)
         self.learn_threshold = bool(learn_threshold)
+        self.threshold_decay = None if threshold_decay is None else float(threshold_decay)
+        self.threshold_lr_scale = float(threshold_lr_scale)
+
+    @property
+    def s_decay(self):
+        """The coupled L2 coefficient on `s` (before `threshold_decay_scale`)."""
+        return self.weight_decay if self.threshold_decay is None else self.threshold_decay
 
     def build_wrapper(self):
         self.threshold_logit = self.add_weight(
@@ -99,10 +127,25 @@ class SoftThreshold(KernelWrapper):
             initializer="zeros",
             trainable=False,
         )
+        self.threshold_decay_scale = self.add_weight(
+            name="threshold_decay_scale",
+            shape=(),
+            dtype="float32",
+            initializer="ones",
+            trainable=False,
+        )
+
+    def _logit(self):
+        # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged).
+        s = self.threshold_logit
+        c = self.threshold_lr_scale
+        if c == 1.0:
+            return s
+        return c * s + ops.stop_gradient((1.0 - c) * s)
 
     def threshold(self):
         """The current threshold `g(s + offset)` (float32 scalar tensor)."""
-        return self.threshold_fn(self.threshold_logit + self.threshold_offset)
+        return self.threshold_fn(self._logit() + self.threshold_offset)
 
     @property
     def steering_name(self):
@@ -132,10 +175,12 @@ class SoftThreshold(KernelWrapper):
 
     def call(self, inputs, *args, **kwargs):
         if self.weight_decay:
-            squares = ops.square(self.threshold_logit)
+            squares = 0.0
             for kernel in self.kernels:
                 squares = squares + ops.sum(ops.square(ops.cast(kernel, "float32")))
             self.add_loss(0.5 * self.weight_decay * squares)
+        if self.s_decay and self.learn_threshold:
+            self.add_loss(0.5 * self.s_decay * self.threshold_decay_scale * ops.square(self._logit()))
         return super().call(inputs, *args, **kwargs)
 
     def get_config(self):
@@ -148,5 +193,7 @@ class SoftThreshold(KernelWrapper):
             granularity=self.granularity,
             block_shape=list(self.block_shape),
             shrink=self.shrink,
+            threshold_decay=self.threshold_decay,
+            threshold_lr_scale=self.threshold_lr_scale,
         )
         return config

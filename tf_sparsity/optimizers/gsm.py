@@ -31,6 +31,7 @@ __all__ = ["GlobalSparseMomentum", "check_keep", "variables_of"]
 
 _METRICS = ("taylor", "magnitude")
 _METHODS = ("histogram", "exact", "sample")
+_DECAY_SCOPES = ("kernels", "all")
 
 
 def _is_number(x):
@@ -61,7 +62,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
     `Q` entries with the largest `|w * g|` (first-order Taylor estimate of
     the loss change if the weight were removed; `g` is the loss-only
     gradient) and zeroes the loss gradient of all others. Then, for every
-    variable (pool or not), momentum SGD with a *coupled* L2 term:
+    variable (pool or not), momentum SGD with a *coupled* L2 term (on the
+    kernels only by default, `decay_scope="kernels"`, as the official code):
 
         z <- momentum * z + weight_decay * w + B * g
         w <- w - learning_rate * z            (Nesterov: w <- w - lr * (d + momentum * z),
@@ -97,7 +99,11 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         momentum: `beta` in [0, 1); the paper uses 0.99 (with a smaller
             learning rate than plain SGD: the step scales as lr / (1 - beta)).
         nesterov: Nesterov momentum (PyTorch convention).
-        weight_decay: coupled L2 coefficient `eta` for every variable.
+        weight_decay: coupled L2 coefficient `eta`.
+        decay_scope: which variables the coupled L2 decays: "kernels"
+            (default, the official code: every variable of rank >= 2; biases
+            and normalization parameters get `weight_decay_bias=0`) or "all"
+            (every variable, this package's behaviour before issue 16).
         compression: keep `N / compression` pool weights (> 1).
         target_sparsity: or keep `N * (1 - target_sparsity)`; in (0, 1).
         threshold_method: "histogram" (default: exactly Q, see
@@ -149,6 +155,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         ramp_steps=0,
         pool=None,
         count_every=10,
+        decay_scope="kernels",
         name=None,
         target_sparsity=None,
         **kwargs,
@@ -162,6 +169,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
             raise ValueError(f"`weight_decay` must be a number >= 0; received {weight_decay!r}.")
         if threshold_method not in _METHODS:
             raise ValueError(f"`threshold_method` must be one of {_METHODS}; received {threshold_method!r}.")
+        if decay_scope not in _DECAY_SCOPES:
+            raise ValueError(f"`decay_scope` must be one of {_DECAY_SCOPES}; received {decay_scope!r}.")
         if metric not in _METRICS:
             raise ValueError(f"`metric` must be one of {_METRICS}; received {metric!r}.")
         if not isinstance(ramp_steps, (int, np.integer)) or isinstance(ramp_steps, bool) or ramp_steps < 0:
@@ -183,6 +192,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         self.ramp_steps = int(ramp_steps)
         self.pool = pool
         self.count_every = int(count_every)
+        self.decay_scope = decay_scope
         self._pool_fn = predicate
         self.pool_size = None  # N and Q are known once the optimizer is built
         self.q = None
@@ -365,6 +375,8 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
         return lambda: ops.sum(ops.cast(keep, "int32"))
 
     def _decays(self, variable):
+        if self.decay_scope == "kernels" and len(variable.shape) < 2:
+            return False  # biases, normalization parameters: no decay (the official code)
         return bool(self.l2) and self._use_weight_decay(variable)
 
     def _momentum_step(self, variable, z, d, lr):
@@ -436,6 +448,7 @@ class GlobalSparseMomentum(keras.optimizers.Optimizer):
             "ramp_steps": self.ramp_steps,
             "pool": pool,
             "count_every": self.count_every,
+            "decay_scope": self.decay_scope,
         })
         return config
 

@@ -88,7 +88,10 @@ def _batches(data, batch_size=256):
 class _Pruner:
     """Holds a masked model and scores its kernels; one instance per `prune_at_init` call."""
 
-    def __init__(self, masked, method, data, loss, seed):
+    def __init__(self, masked, method, data, loss, seed, bn_mode="train"):
+        if bn_mode not in ("train", "eval"):
+            raise ValueError(f"`bn_mode` must be 'train' or 'eval'; received {bn_mode!r}.")
+        self.training = bn_mode == "train"  # SNIP/GraSP: normalization mode while scoring
         self.model = masked
         self.method = method
         self.wrappers = surgery.wrappers(masked)
@@ -128,11 +131,11 @@ class _Pruner:
     def _loss(self, x, y, temperature=1.0):
         if temperature != 1.0 and flow_network.softmax_heads(self.model):
             # Softmax head (keras.applications): the temperature divides the
-            # logits, and the loss sees softmax(logits / T) (issue 18).
+            # logits, and the loss sees softmax(logits / T).
             with flow_network.logits_of(self.model):
-                logits = self.model(x, training=True)
+                logits = self.model(x, training=self.training)
             return self.loss(y, tf.nn.softmax(logits / temperature))
-        return self.loss(y, self.model(x, training=True) / temperature)
+        return self.loss(y, self.model(x, training=self.training) / temperature)
 
     def _snip(self):
         def run():
@@ -303,7 +306,7 @@ class _Pruner:
 
 def prune_at_init(model, method="synflow", compression=None, sparsity=None, iterations=None,
                   schedule="exponential", scope="global", data=None, loss=None, skip=None,
-                  on_collapse="warn", threshold_method="histogram", seed=0, verbose=1):
+                  on_collapse="warn", threshold_method="histogram", seed=0, verbose=1, bn_mode="train"):
     """Prune `model` before training; returns a new model with fixed masks.
 
     Prunable kernels are wrapped in `tfs.layers.Masked`; scores decide which
@@ -340,6 +343,10 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
             `EmptiedBranchWarning` instead (not raised).
         threshold_method: "histogram" (exact, fast) or "exact" top-k.
         verbose: 1 shows a progress bar over rounds, 0 is silent.
+        bn_mode: SNIP/GraSP only: "train" (default, as the SNIP and GraSP
+            papers) scores with normalization layers in training mode (batch
+            statistics; moving statistics restored afterwards), "eval" with
+            their moving statistics (as the SynFlow paper's code did).
 
     Example:
 
@@ -353,7 +360,7 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
     if iterations is None:
         iterations = 100 if method == "synflow" else 1
     masked = surgery.wrap_prunable(model, Masked, skip=skip)
-    pruner = _Pruner(masked, method, data, loss, seed)
+    pruner = _Pruner(masked, method, data, loss, seed, bn_mode)
     pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
     collapsed = connectivity.collapse_names(pruner.connectivity(), method, 1 / density, on_collapse)
     for wrapper in pruner.wrappers:
@@ -365,7 +372,7 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
     return masked
 
 
-def scores(model, method="synflow", data=None, loss=None, skip=None, seed=0):
+def scores(model, method="synflow", data=None, loss=None, skip=None, seed=0, bn_mode="train"):
     """One round of `method`'s scores for every prunable kernel, as NumPy arrays.
 
     Returns `{layer name: [score array per kernel]}` (larger means keep).
@@ -375,7 +382,7 @@ def scores(model, method="synflow", data=None, loss=None, skip=None, seed=0):
     ['conv1', 'conv2', 'conv3', 'fc1', 'logits']
     """
     _check_args(method, 10.0, None, None, "exponential", "global", data, loss, "ignore")
-    pruner = _Pruner(surgery.wrap_prunable(model, Masked, skip=skip), method, data, loss, seed)
+    pruner = _Pruner(surgery.wrap_prunable(model, Masked, skip=skip), method, data, loss, seed, bn_mode)
     out = {}
     for name, value in zip(pruner.owner, pruner.scores()):
         out.setdefault(name, []).append(np.asarray(value))
@@ -407,7 +414,8 @@ def critical_compression(model, method="synflow", tolerance=0.05, max_log10=None
     _check_args(method, 10.0, None, iterations, "exponential", "global", kwargs.get("data"),
                 kwargs.get("loss"), "ignore")
     masked = surgery.wrap_prunable(model, Masked, skip=kwargs.pop("skip", None))
-    pruner = _Pruner(masked, method, kwargs.pop("data", None), kwargs.pop("loss", None), kwargs.pop("seed", 0))
+    pruner = _Pruner(masked, method, kwargs.pop("data", None), kwargs.pop("loss", None), kwargs.pop("seed", 0),
+                     kwargs.pop("bn_mode", "train"))
     total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
     iterations = iterations or (100 if method == "synflow" else 1)
     lo, hi = 0.0, max_log10 if max_log10 is not None else math.log10(total)

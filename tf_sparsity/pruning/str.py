@@ -6,7 +6,8 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
-                   learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True):
+                   learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
+                   threshold_decay=None, threshold_lr_scale=1.0):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -33,6 +34,10 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         block_shape: see `granularity`.
         shrink: False keeps surviving groups unshrunk (hard mask, for use
             with `learn_threshold=False` and `TargetSparsity`).
+        threshold_decay: coupled L2 on each `s` (the reference's
+            `--st-decay`); None = `weight_decay`.
+        threshold_lr_scale: gradient scale on each `s` (an `s` learning-rate
+            scale under SGD; no effect under Adam). See `SoftThreshold`.
 
     Example:
 
@@ -48,7 +53,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         lambda layer: SoftThreshold(
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
             learn_threshold=learn_threshold, granularity=granularity, block_shape=block_shape,
-            shrink=shrink,
+            shrink=shrink, threshold_decay=threshold_decay, threshold_lr_scale=threshold_lr_scale,
         ),
         skip=skip,
     )

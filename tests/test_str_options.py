@@ -1,0 +1,94 @@
+"""STR's own threshold options (decay and learning-rate scale on `s`) and decay steering (issue 16)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_sparsity as tfs
+from support import compile_sgd
+
+
+def _grad_on_s(layer, x):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(layer(x))) + tf.add_n(layer.losses)
+    return float(tape.gradient(loss, layer.threshold_logit))
+
+
+def test_threshold_decay_and_lr_scale_act_on_s_only():
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    keras.utils.set_random_seed(0)
+    base = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0, weight_decay=1e-3)
+    base(x)
+    layer = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0, weight_decay=1e-3,
+                                     threshold_decay=0.5, threshold_lr_scale=0.1)
+    layer(x)
+    layer.layer.kernel.assign(base.layer.kernel)
+    np.testing.assert_allclose(layer(x), base(x))  # the forward value is unchanged
+    g_base = _grad_on_s(base, x)          # loss + 1e-3 * s
+    g_loss = g_base - 1e-3 * (-2.0)
+    g = _grad_on_s(layer, x)              # 0.1 * (loss + 0.5 * s)
+    assert g == pytest.approx(0.1 * (g_loss + 0.5 * (-2.0)), rel=1e-4)
+    layer.threshold_decay_scale.assign(3.0)   # the steered multiplier scales the decay on s only
+    assert _grad_on_s(layer, x) == pytest.approx(0.1 * (g_loss + 1.5 * (-2.0)), rel=1e-4)
+
+
+def test_options_serialize_and_round_trip(tmp_path):
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    sparse = tfs.soft_threshold(model, weight_decay=1e-4, threshold_decay=2e-3, threshold_lr_scale=0.5)
+    sparse.layers[0].threshold_decay_scale.assign(7.0)
+    path = tmp_path / "m.keras"
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    w = loaded.layers[0]
+    assert (w.threshold_decay, w.threshold_lr_scale, w.s_decay) == (2e-3, 0.5, 2e-3)
+    assert float(w.threshold_decay_scale) == 7.0
+    x = np.ones((2, 8), "float32")
+    np.testing.assert_allclose(loaded(x), sparse(x))
+    config = tfs.callbacks.TargetSparsity(0.9, steer="decay", finish="none", decay_gain=0.3).get_config()
+    again = tfs.callbacks.TargetSparsity.from_config(config)
+    assert (again.steer, again.finish, again.decay_gain) == ("decay", "none", 0.3)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(threshold_decay=-1.0), "`threshold_decay`"),
+    (dict(threshold_lr_scale=-1.0), "`threshold_lr_scale`"),
+    (dict(threshold_lr_scale=float("nan")), "`threshold_lr_scale`"),
+])
+def test_bad_threshold_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tfs.layers.SoftThreshold(keras.layers.Dense(4), **kwargs)
+
+
+def test_bad_steer_arguments():
+    with pytest.raises(ValueError, match="`steer`"):
+        tfs.callbacks.TargetSparsity(0.9, steer="bias")
+    with pytest.raises(ValueError, match="`finish`"):
+        tfs.callbacks.TargetSparsity(0.9, finish="snap")
+
+
+def test_auto_mode_picks_decay_for_learned_thresholds_and_offset_otherwise(mnist1d_data):
+    (x, y), _ = mnist1d_data
+    for learn, expected in [(True, "decay"), (False, "offset")]:
+        sparse = compile_sgd(tfs.soft_threshold(tfs.zoo.mnist1d_cnn(filters=8, hidden=16), weight_decay=5e-4,
+                                                learn_threshold=learn))
+        steer = tfs.callbacks.TargetSparsity(0.5, end_step=4, steer="auto")
+        sparse.fit(x[:256], y[:256], epochs=1, batch_size=64, verbose=0, callbacks=[steer])
+        assert steer.mode == expected
+        assert abs(tfs.sparsity(sparse) - 0.5) <= 0.01  # finish="offset" lands on the target
+
+
+@pytest.mark.slow
+def test_decay_steering_tracks_the_target_without_an_offset(mnist1d_data):
+    (x, y), _ = mnist1d_data
+    keras.utils.set_random_seed(0)
+    sparse = compile_sgd(tfs.soft_threshold(tfs.zoo.mnist1d_cnn(filters=16, hidden=64), weight_decay=5e-4))
+    steer = tfs.callbacks.TargetSparsity(0.8, steer="decay", finish="none", decay_gain=0.5)
+    sparse.fit(x, y, epochs=8, batch_size=128, verbose=0, callbacks=[steer])
+    wrappers = tfs.surgery.wrappers(sparse)
+    assert all(float(w.threshold_offset) == 0.0 for w in wrappers)
+    # The decay alone moved the thresholds (it lags the ramp in so short a run) ...
+    assert 0.3 < tfs.sparsity(sparse) < 0.95 and steer.trace[-1][3] > 1.0
+    # ... and every layer's s is its own.
+    logits = [float(w.threshold_logit) for w in wrappers]
+    assert max(logits) - min(logits) > 0.3
