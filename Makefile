@@ -1,4 +1,4 @@
-# Entry points (see README): `make demo`, `make test` (CI) and `make test-fast`. Both create the
+# Entry points (see README): `make demo`, `make test` (CI) and `make test-fast`. Each creates the
 # virtual environment and install the package on first use.
 PYTHON ?= python3
 VENV ?= .venv
