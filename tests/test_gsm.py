@@ -27,6 +27,7 @@ def tiny_model(seed=0):
 
 
 # ---------------------------------------------------------------- training
+@pytest.mark.slow
 def test_training_then_final_prune_keeps_exactly_q(mnist1d_data):
     (x, y), (xt, yt) = mnist1d_data
     model = small_cnn()
@@ -281,6 +282,7 @@ def test_config_round_trip():
     assert isinstance(monitor, GSMMonitor) and monitor.every_n_steps == 5
 
 
+@pytest.mark.slow
 def test_resume_from_keras_file_continues_the_same_trajectory(mnist1d_data, tmp_path):
     (x, y), _ = mnist1d_data
     x, y = x[:1024], y[:1024]
@@ -316,6 +318,7 @@ def test_resume_from_keras_file_continues_the_same_trajectory(mnist1d_data, tmp_
 
 
 # --------------------------------------------------------- distribution
+@pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy):
     (x, y), _ = mnist1d_data
     x, y = x[:256], y[:256]

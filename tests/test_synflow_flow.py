@@ -168,6 +168,7 @@ def test_disconnected_without_any_empty_layer():
     assert checker.check([first, second]).outputs_connected == [True]
 
 
+@pytest.mark.slow
 def test_prune_at_init_reports_branches_not_collapse():
     keras.utils.set_random_seed(5)
     model = residual_se(depth=2)
@@ -183,6 +184,7 @@ def test_prune_at_init_reports_branches_not_collapse():
         assert tfs.pruning.at_init.LayerCollapseWarning in kinds
 
 
+@pytest.mark.slow
 def test_critical_compression_definitions():
     keras.utils.set_random_seed(6)
     model = residual_se(depth=2)
