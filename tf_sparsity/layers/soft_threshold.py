@@ -120,20 +120,11 @@ class SoftThreshold(KernelWrapper):
             initializer=keras.initializers.Constant(self.s_init),
             trainable=self.learn_threshold,
         )
-        self.threshold_offset = self.add_weight(
-            name="threshold_offset",
-            shape=(),
-            dtype="float32",
-            initializer="zeros",
-            trainable=False,
-        )
-        self.threshold_decay_scale = self.add_weight(
-            name="threshold_decay_scale",
-            shape=(),
-            dtype="float32",
-            initializer="ones",
-            trainable=False,
-        )
+        # Set by steering, never by the loss: the common offset (offset
+        # steering) and the multiplier on the decay of s (decay steering).
+        for name, initial in (("threshold_offset", "zeros"), ("threshold_decay_scale", "ones")):
+            setattr(self, name, self.add_weight(name=name, shape=(), dtype="float32", initializer=initial,
+                                                trainable=False))
 
     def _logit(self):
         # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged).
