@@ -84,3 +84,13 @@ def write_results(path, payload):
     tmp.write_text(json.dumps({**payload, "environment": environment()}, indent=1, default=str))
     os.replace(tmp, path)
     return path
+
+
+def run_tfmot_worker(*args):
+    """Run the tfmot baseline (`_tfmot_worker.py ARGS`) in its own process with
+    `BASELINE_PYTHON` (tf_keras never enters this process); returns its JSON result."""
+    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"tfmot worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -29,16 +29,14 @@
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
 """
 
-import json
 import os
 import pathlib
 import platform
-import subprocess
 import tempfile
 import sys
 import time
 
-from common import BASELINE_PYTHON, HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import BASELINE_PYTHON, HERE, parser, write_results, run_tfmot_worker  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -184,14 +182,9 @@ def run_tfmot(compression, seed, data, a, weights, workdir):
     npz = pathlib.Path(workdir) / f"dense_{a.model}_{seed}.npz"
     (x, y), (xt, yt) = data
     np.savez(npz, x=x, y=y, x_test=xt, y_test=yt, **{f"w{i}": w for i, w in enumerate(weights)})
-    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), "--data", str(npz), "--model", a.model,
-           "--init-weights", "--sparsity", str(1 - 1 / compression), "--seed", str(seed),
-           "--epochs", str(a.gsm_epochs), "--lr", str(a.gsm_lr), "--momentum", "0.99",
-           "--weight-decay", str(a.gsm_weight_decay)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"tfmot worker failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_tfmot_worker("--data", npz, "--model", a.model, "--init-weights", "--sparsity", 1 - 1 / compression,
+                         "--seed", seed, "--epochs", a.gsm_epochs, "--lr", a.gsm_lr, "--momentum", "0.99",
+                         "--weight-decay", a.gsm_weight_decay)
     return {"accuracy": None, "accuracy_pruned": r["accuracy"], "sparsity": r["sparsity"],
             "seconds_per_step": r["seconds_per_step"]}
 

@@ -38,7 +38,6 @@ import tf_sparsity as tfs  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 from tf_sparsity.export import recurrent, runtimes  # noqa: E402
-from tf_sparsity.layers import low_rank as lr  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))

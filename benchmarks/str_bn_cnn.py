@@ -30,13 +30,11 @@ Each row reports accuracy, sparsity, effective MACs / dense MACs and the
 per-layer budgets.
 """
 
-import json
 import os
 import pathlib
-import subprocess
 import tempfile
 
-from common import BASELINE_PYTHON, HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import BASELINE_PYTHON, HERE, parser, write_results, run_tfmot_worker  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -83,13 +81,8 @@ def run_keras(kind, target, seed, data, a, gain=None):
 
 
 def run_tfmot(target, seed, npz, a):
-    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), "--data", npz, "--sparsity", str(target),
-           "--seed", str(seed), "--epochs", str(a.epochs), "--weight-decay", str(a.weight_decay),
-           "--end-fraction", str(a.end_fraction), "--model", "cnn_bn"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"tfmot worker failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_tfmot_worker("--data", npz, "--sparsity", target, "--seed", seed, "--epochs", a.epochs,
+                         "--weight-decay", a.weight_decay, "--end-fraction", a.end_fraction, "--model", "cnn_bn")
     r["macs_ratio"] = None  # uniform per-layer sparsity: MACs ratio = 1 - target on these layers
     return r
 

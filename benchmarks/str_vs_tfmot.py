@@ -8,14 +8,11 @@ tf_keras (the `baseline` extra). Step time is reported as a ratio to the
 dense run of the same seed, measured in the same invocation.
 """
 
-import json
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
-from common import BASELINE_PYTHON, HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import BASELINE_PYTHON, HERE, parser, write_results, run_tfmot_worker  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -44,13 +41,8 @@ def run_keras(kind, target, seed, data, a):
 
 
 def run_tfmot(target, seed, npz, a):
-    cmd = [BASELINE_PYTHON, str(HERE / "_tfmot_worker.py"), "--data", npz, "--sparsity", str(target),
-           "--seed", str(seed), "--epochs", str(a.epochs), "--weight-decay", str(a.weight_decay),
-           "--end-fraction", str(a.end_fraction)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"tfmot worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_tfmot_worker("--data", npz, "--sparsity", target, "--seed", seed, "--epochs", a.epochs,
+                            "--weight-decay", a.weight_decay, "--end-fraction", a.end_fraction)
 
 
 def main():
