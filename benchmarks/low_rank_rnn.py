@@ -26,12 +26,11 @@ exported in the factorized cells' export form (1x1 CONV_2D projections; see
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import write_results  # noqa: E402  (first: quiet TensorFlow, results with the environment)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -271,9 +270,7 @@ def main(argv=None):
            "markdown": text}
     path = pathlib.Path(a.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, path)
+    write_results(path, out)
 
 
 if __name__ == "__main__":

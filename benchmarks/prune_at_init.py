@@ -12,12 +12,10 @@ magnitude and random need no data.
 """
 
 import argparse
-import json
-import os
 import pathlib
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import write_results  # noqa: E402  (first: quiet TensorFlow, results with the environment)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -187,7 +185,7 @@ def main():
               "apps-timing": apps_timing}[a.part](a)
     out = pathlib.Path(a.out) if a.out else HERE / "results" / f"prune_at_init_{a.part.replace('-', '_')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"args": vars(a), "result": result}, indent=1))
+    write_results(out, {"args": vars(a), "result": result})
 
 
 if __name__ == "__main__":

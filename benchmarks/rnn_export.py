@@ -24,12 +24,11 @@ verdict of the same int8 model.
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from common import write_results  # noqa: E402  (first: quiet TensorFlow, results with the environment)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -166,9 +165,7 @@ def main(argv=None):
         out = {"command": " ".join([".venv/bin/python", "benchmarks/rnn_export.py"] + (argv or sys.argv[1:])),
                "args": vars(a), "seconds": time.perf_counter() - start, "rows": rows, "markdown": text,
                "baseline_python": recurrent.baseline_python()}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1, default=str))
-        os.replace(tmp, path)
+        write_results(path, out)
     print(markdown(rows))
 
 
