@@ -55,21 +55,9 @@ def make_strategy(ports, index):
 
 
 def build(kind):
-    import keras
+    from support import small_sparse_model  # tests/ is this script's directory: the tests' own model
 
-    import tf_sparsity as tfs
-
-    keras.utils.set_random_seed(11)
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    base = tfs.zoo.mnist1d_cnn(filters=8, hidden=32)
-    if kind == "str":
-        model = tfs.soft_threshold(base, s_init=-4.0, weight_decay=1e-3)
-        model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), loss, metrics=["accuracy"])
-    else:
-        model = base
-        model.compile(tfs.optimizers.GlobalSparseMomentum(0.02, momentum=0.9, nesterov=True, compression=10),
-                      loss, metrics=["accuracy"])
-    return model
+    return small_sparse_model(kind, seed=11)
 
 
 def dataset(samples, batch):

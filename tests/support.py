@@ -38,3 +38,22 @@ def masked_copy(model, groups, keep):
             weights[0][..., ~inp, :] = 0
             target.set_weights(weights)
     return copy
+
+
+def small_sparse_model(kind="str", seed=3):
+    """A small MNIST-1D CNN, compiled: STR-wrapped with SGD (`kind="str"`) or
+    with GSM at compression 10 (`kind="gsm"`). Used by the distributed tests and
+    their worker processes, which must build the same model."""
+    import tf_sparsity as tfs
+
+    keras.utils.set_random_seed(seed)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    base = tfs.zoo.mnist1d_cnn(filters=8, hidden=32)
+    if kind == "str":
+        model = tfs.soft_threshold(base, s_init=-4.0, weight_decay=1e-3)
+        model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), loss, metrics=["accuracy"])
+    else:
+        model = base
+        model.compile(tfs.optimizers.GlobalSparseMomentum(0.02, momentum=0.9, nesterov=True, compression=10),
+                      loss, metrics=["accuracy"])
+    return model

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 import tf_sparsity as tfs
 from tf_sparsity import distribute
+from support import small_sparse_model
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,16 +113,7 @@ def assert_close(a, b, rtol):
 
 
 def small_model(kind="str", seed=3):
-    keras.utils.set_random_seed(seed)
-    base = tfs.zoo.mnist1d_cnn(filters=8, hidden=32)
-    if kind == "str":
-        model = tfs.soft_threshold(base, s_init=-4.0, weight_decay=1e-3)
-        model.compile(keras.optimizers.SGD(0.1, momentum=0.9, nesterov=True), LOSS, metrics=["accuracy"])
-    else:
-        model = base
-        model.compile(tfs.optimizers.GlobalSparseMomentum(0.02, momentum=0.9, nesterov=True, compression=10),
-                      LOSS, metrics=["accuracy"])
-    return model
+    return small_sparse_model(kind, seed)
 
 
 def mnist_dataset(data, n=512, batch=64, seed=5):
