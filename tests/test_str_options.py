@@ -1,5 +1,7 @@
 """STR's own threshold options (decay and learning-rate scale on `s`) and decay steering (issue 16)."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -92,3 +94,18 @@ def test_decay_steering_tracks_the_target_without_an_offset(mnist1d_data):
     # ... and every layer's s is its own.
     logits = [float(w.threshold_logit) for w in wrappers]
     assert max(logits) - min(logits) > 0.3
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_files_saved_before_the_decay_scale_still_load():
+    # Saved by the release before `threshold_decay_scale` existed (commit 632d470):
+    # two SoftThreshold layers holding `s` and the offset only.
+    loaded = keras.models.load_model(DATA / "soft_threshold_v0.keras")
+    x = np.load(DATA / "soft_threshold_v0_input.npy")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), np.load(DATA / "soft_threshold_v0_output.npy"),
+                               rtol=1e-6, atol=1e-6)
+    for layer in loaded.layers[1:]:
+        assert (float(layer.threshold_logit), float(layer.threshold_offset)) == (-2.5, 0.25)
+        assert float(layer.threshold_decay_scale) == 1.0

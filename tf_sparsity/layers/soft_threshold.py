@@ -126,6 +126,24 @@ class SoftThreshold(KernelWrapper):
             setattr(self, name, self.add_weight(name=name, shape=(), dtype="float32", initializer=initial,
                                                 trainable=False))
 
+    # Variables in the order files written before `threshold_decay_scale`
+    # existed stored them (Keras writes trainable variables first; `s` always
+    # precedes the offset in either case).
+    _LEGACY_VARIABLES = ("threshold_logit", "threshold_offset")
+
+    def load_own_variables(self, store):
+        """Load this wrapper's variables; also reads files saved before the decay scale.
+
+        Such files hold `s` and the offset only: the decay multiplier then
+        keeps its neutral value 1, which is what those models trained with.
+        """
+        if 0 < len(store.keys()) <= len(self._LEGACY_VARIABLES):
+            for index, name in enumerate(self._LEGACY_VARIABLES[:len(store.keys())]):
+                getattr(self, name).assign(store[str(index)])
+            self.threshold_decay_scale.assign(1.0)
+            return
+        super().load_own_variables(store)
+
     def _logit(self):
         # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged).
         s = self.threshold_logit
