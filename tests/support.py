@@ -57,3 +57,12 @@ def small_sparse_model(kind="str", seed=3):
         model.compile(tfs.optimizers.GlobalSparseMomentum(0.02, momentum=0.9, nesterov=True, compression=10),
                       loss, metrics=["accuracy"])
     return model
+
+
+def assert_same_state(a, b, rtol=1e-5, atol=1e-6, optimizer=False):
+    """Assert two models hold the same weights (and optimizer variables if asked)."""
+    for x, y in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=rtol, atol=atol, err_msg=x.path)
+    if optimizer:
+        for x, y in zip(a.optimizer.variables, b.optimizer.variables, strict=True):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=rtol, atol=atol, err_msg=x.path)

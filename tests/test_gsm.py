@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import tf_sparsity as tfs
 from tf_sparsity.optimizers import GlobalSparseMomentum, GSMMonitor, final_prune
+from support import assert_same_state
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -307,11 +308,7 @@ def test_resume_from_keras_file_continues_the_same_trajectory(mnist1d_data, tmp_
     assert int(resumed.optimizer.iterations.numpy()) == 16
     resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=128, shuffle=False, verbose=0)
     assert int(resumed.optimizer.iterations.numpy()) == int(straight.optimizer.iterations.numpy()) == 32
-    for a, b in zip(straight.weights, resumed.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
-    assert len(straight.optimizer.variables) == len(resumed.optimizer.variables)
-    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    assert_same_state(straight, resumed, optimizer=True)
     # Only the four matched kernels are in the pool; logits trained densely.
     assert set(straight.optimizer.active_counts_by_name()) == {"conv1", "conv2", "conv3", "fc1"}
     assert sum(straight.optimizer.active_counts_by_name().values()) == straight.optimizer.q
@@ -338,8 +335,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy
     with strategy.scope():
         mirrored = build()
     mirrored.fit(x, y, epochs=2, batch_size=64, shuffle=False, verbose=0)
-    for a, b in zip(single.weights, mirrored.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5, err_msg=a.path)
+    assert_same_state(single, mirrored, atol=1e-5)
     # Every replica applied the same global mask (its size per layer agrees
     # on both replicas and with the single-device run).
     assert mirrored.optimizer.active_counts_by_name() == single.optimizer.active_counts_by_name()

@@ -315,7 +315,7 @@ def test_stripped_unrolled_int8_runs_on_litert_and_tflm(kind):
 def test_conv_projection_is_the_same_cell(kind, tmp_path):
     # projection="conv" (the int8 export form) changes the ops, not the weights or outputs.
     layer = KINDS[kind][0](UNITS, max_rank=(None, 4))
-    model = model_with(layer)
+    model_with(layer)  # builds the layer
     prune_some(layer)
     x = sequences()
     plain = layer.stripped_layer()

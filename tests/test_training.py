@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import tf_sparsity as tfs
-from support import compile_sgd
+from support import assert_same_state, compile_sgd
 
 
 def small_cnn():
@@ -108,10 +108,7 @@ def test_resume_from_checkpoint_continues_the_same_trajectory(mnist1d_data, tmp_
     resumed.fit(x, y, epochs=4, initial_epoch=2, batch_size=128, shuffle=False, verbose=0,
                 callbacks=[target()])
     assert int(resumed.optimizer.iterations) == int(straight.optimizer.iterations) == 32
-    for a, b in zip(straight.weights, resumed.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
-    for a, b in zip(straight.optimizer.variables, resumed.optimizer.variables):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+    assert_same_state(straight, resumed, rtol=1e-4, atol=1e-5, optimizer=True)
 
 
 @pytest.mark.slow
@@ -140,8 +137,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy
     with strategy.scope():
         plain_mirrored = build()
     plain_mirrored.fit(x, y, epochs=2, batch_size=64, shuffle=False, verbose=0)
-    for a, b in zip(single.weights, plain_mirrored.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5, err_msg=a.path)
+    assert_same_state(single, plain_mirrored, rtol=1e-4, atol=1e-5)
     assert abs(tfs.sparsity(mirrored) - 0.5) <= 0.01
 
 
