@@ -158,7 +158,11 @@ def _finish_head_model(tflite, state):
         raise ExportError(f"head model has {len(sub.inputs)} inputs and {len(sub.outputs)} outputs; expected 1 and 1")
     t_in = sub.tensors[sub.inputs[0]]
     wanted = (state.get("scale", 0.0), state.get("zero_point", 0))
-    if wanted[0] and _params(t_in) != wanted:  # requantize: state params in, the converter's params inside
+    if wanted[0] and _params(t_in) != wanted and RETARGET_STATES and _rescaling_consumers(
+            model, sub, sub.inputs[0], schema):
+        t_in.quantization = _quantized_copy(schema, t_in, wanted, b"").quantization
+        t_in.name = b"h"
+    elif wanted[0] and _params(t_in) != wanted:  # requantize: state params in, the converter's params inside
         new = _quantized_copy(schema, t_in, wanted, b"h")
         sub.tensors.append(new)
         op = schema.OperatorT()
@@ -233,6 +237,13 @@ def _finish_step_model(tflite, plan, quantize):
         t_in, t_out = sub.tensors[inputs[1 + k]], sub.tensors[outs[first + k]]
         p_in, p_out = _params(t_in), _params(t_out)
         shared = outs.count(outs[first + k]) > 1 or outs[first + k] in inputs
+        retargeted = False
+        if p_in[0] and p_in != p_out and not shared and RETARGET_STATES and _rescaling_consumers(
+                model, sub, inputs[1 + k], schema):
+            # Every op reading the state input computes its rescaling from the tensor's parameters
+            # (at Prepare): give the input the output's parameters, no requantizing op per step.
+            t_in.quantization = _quantized_copy(schema, t_out, p_out, b"").quantization
+            p_in, retargeted = p_out, True
         if p_in[0] and (p_in != p_out or shared):
             if quantize_code is None:
                 quantize_code = _opcode(model, schema.BuiltinOperator.QUANTIZE, schema)
@@ -248,7 +259,7 @@ def _finish_step_model(tflite, plan, quantize):
             requantized = False
         t_in.name = f"state_{k}".encode()
         entry = {"layer": s["layer"], "index": s["index"], "size": s["size"], "input": 1 + k, "output": first + k,
-                 "dtype": flatbuffer.dtype_name(t_in.type), "requantized": requantized}
+                 "dtype": flatbuffer.dtype_name(t_in.type), "requantized": requantized, "retargeted": retargeted}
         if p_in[0]:
             entry.update(scale=p_in[0], zero_point=p_in[1])
         meta_states.append(entry)
@@ -266,6 +277,21 @@ def _finish_step_model(tflite, plan, quantize):
         meta["output"] = {"index": 0, "shape": [int(d) for d in y_t.shape], "dtype": flatbuffer.dtype_name(y_t.type),
                           **_qdict(y_t)}
     return flatbuffer.write(model), meta
+
+
+# State inputs read only by these ops take the new state's quantization (no QUANTIZE op per step):
+# their kernels derive the rescaling from the input tensor's parameters when they are prepared.
+# (Ops such as RESHAPE, STRIDED_SLICE, SPLIT or CONCATENATION pass parameters through unchanged.)
+RETARGET_STATES = True
+_RESCALING_OPS = ("FULLY_CONNECTED", "ADD", "SUB", "MUL")
+
+
+def _rescaling_consumers(model, sub, tensor, schema):
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    users = [op for op in sub.operators if tensor in list(op.inputs)]
+    kinds = [names.get(max(model.operatorCodes[op.opcodeIndex].builtinCode,
+                           model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)) for op in users]
+    return bool(users) and all(k in _RESCALING_OPS for k in kinds)
 
 
 def _params(tensor):
