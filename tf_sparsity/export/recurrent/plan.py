@@ -290,7 +290,8 @@ def resolve(model, target, quantize, recurrent):
         working = "'step' or 'unroll'" + (" or 'fused' (LSTM)" if _all_lstm(rnns) else "")
         raise ValueError(
             f"recurrent='loop' is float only: full-{quantize} conversion of the WHILE loop crashes the TF 2.21 "
-            f"converter (segfault){', and target ' + repr(target) + ' needs int8' if target != 'litert' else ''}. "
+            "converter (segfault) and ai-edge-quantizer 0.10 does not calibrate the loop body (docs/export.md)"
+            f"{', and target ' + repr(target) + ' needs int8' if target != 'litert' else ''}. "
             f"Use recurrent={working} for {quantize}, or quantize=None on target 'litert' for the loop.")
     if recurrent == "fused" and not _all_lstm(rnns):
         names = [l.name for l in rnns if not _is_plain_lstm(l)]
