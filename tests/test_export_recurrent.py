@@ -54,16 +54,24 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
     path = tmp_path / "rnn.tflite"
     result = tfs.export.convert(model, target="tflm", representative_data=x, path=path)
     rec = result.report.recurrent
-    assert rec["form"] == "step" and rec["file_bytes"] == len(result.tflite)
-    info = tfs.export.inspect(result.tflite)
+    # The head (Dense) is its own model, run once per sequence on the final state h.
+    assert result.head is not None and rec["head"] == {"state": 0, "model": True, "bytes": len(result.head)}
+    assert rec["file_bytes"] == len(result.tflite) + len(result.head)
+    assert result.report.tflm["arena_bytes"] == (result.report.tflm["step_arena_bytes"]
+                                                 + result.report.tflm["head_arena_bytes"])
+    info, head = tfs.export.inspect(result.tflite), tfs.export.inspect(result.head)
     assert info.recurrent["form"] == "step" and "recurrent form: step" in str(info)
+    assert head.recurrent["form"] == "head" and head.op_counts == {"FULLY_CONNECTED": 1}
     n_states = 2 if kind == "lstm" else 1
-    assert len(info.inputs) == len(info.outputs) == 1 + n_states
-    for k in range(1, 1 + n_states):  # carrying a state is a memcpy
-        assert info.inputs[k].quantization == info.outputs[k].quantization
+    assert len(info.inputs) == 1 + n_states and len(info.outputs) == n_states
+    for k in range(n_states):  # carrying a state is a memcpy, and so is handing h to the head
+        assert info.inputs[1 + k].quantization == info.outputs[k].quantization
         # int8, or int16 where the exporter measured int8 states losing predictions
-        assert info.inputs[k].dtype == rec["state_dtype"] == rec["state_dtype_choice"]["chosen"]
-        assert info.inputs[k].dtype in ("int8", "int16")
+        assert info.inputs[1 + k].dtype == rec["state_dtype"] == rec["state_dtype_choice"]["chosen"]
+        assert info.inputs[1 + k].dtype in ("int8", "int16")
+    assert head.inputs[0].quantization == info.outputs[0].quantization
+    # Every op reading a state rescales from its input's parameters: no requantizing op per step.
+    assert "QUANTIZE" not in info.op_counts and all(s["retargeted"] or not s["requantized"] for s in rec["states"])
     # The result runs whole sequences on tflite-micro; int8 stays close to Keras.
     got = result.run_sequence(x[:8])
     want = np.asarray(model(x[:8]))
@@ -73,18 +81,21 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
     assert rec["state_quantization"]["dtype"] == rec["state_dtype"]
     assert rec["per_sequence_agreement"]["tflm_vs_litert_reference_max_steps"] <= 4
     # C files: model array + the documented C++ loop over time steps.
-    cc, h, loop = (pathlib.Path(p) for p in result.c_files)
+    cc, h, loop, head_cc, head_h = (pathlib.Path(p) for p in result.c_files)
     text = loop.read_text()
     assert loop.name == "rnn_sequence.h" and "Invoke()" in text and "memmove" in text
     assert f"#define G_RNN_STEPS {STEPS}" in text and f"G_RNN_NUM_STATES {n_states}" in text
+    assert "head.Invoke()" in text and "g_rnn_head_model_data" in head_cc.read_text()
+    assert "G_RNN_HEAD_MODEL_DATA_ARENA_BYTES" in head_h.read_text()
+    assert (tmp_path / "rnn_head.tflite").read_bytes() == result.head
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
     score = step_export._score
 
-    def int8_loses(tflite, meta, check, want):  # pretend int8 states lose half the predictions
-        result = score(tflite, meta, check, want)
+    def int8_loses(tflite, meta, check, want, head=None):  # pretend int8 states lose half the predictions
+        result = score(tflite, meta, check, want, head)
         if meta["input"]["dtype"] == "int8":
             result.update(ok=False, score=0.5)
         return result
@@ -96,6 +107,7 @@ def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
     choice = result.report.recurrent["state_dtype_choice"]
     assert choice["chosen"] == "int16" and "int16" in choice["measured"]
     assert [t.dtype for t in result.inspect().inputs] == ["int16", "int16", "int16"]
+    assert [t.dtype for t in tfs.export.inspect(result.head).inputs] == ["int16"]
     got, want = result.run_sequence(x[:4]), np.asarray(model(x[:4]))
     assert np.max(np.abs(got - want)) < 0.02 * max(1.0, np.max(np.abs(want)))
     edgetpu = tfs.export.convert(model, target="edgetpu", representative_data=x, verify=False)
@@ -110,6 +122,27 @@ def test_step_file_does_not_grow_with_the_sequence():
         result = tfs.export.convert(model, target="tflm", representative_data=seqs(steps=steps), verify=False)
         sizes.append(len(result.tflite))
     assert abs(sizes[0] - sizes[1]) <= 8  # only the recorded length in the metadata differs
+
+
+def test_head_once_per_sequence_matches_the_head_at_every_step(monkeypatch):
+    model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
+    x = seqs()
+    split = tfs.export.convert(model, target="tflm", representative_data=x)
+    monkeypatch.setattr(step_export, "SPLIT_HEAD", False)
+    joined = tfs.export.convert(model, target="tflm", representative_data=x)
+    assert joined.head is None and "head" not in joined.report.recurrent
+    assert len(joined.inspect().outputs) == 2 and joined.inspect().op_counts["FULLY_CONNECTED"] == \
+        split.inspect().op_counts["FULLY_CONNECTED"] + 1
+    a, b = split.run_sequence(x[:8]), joined.run_sequence(x[:8])
+    assert np.mean(np.argmax(a, -1) == np.argmax(b, -1)) >= 0.75 and np.max(np.abs(a - b)) < 0.1
+    with pytest.raises(ValueError, match="head=result.head"):
+        recurrent.run_sequence(split.tflite, x[:2])
+    monkeypatch.undo()
+    # Nothing after the recurrent layer: no head model, the output is the final state.
+    only_rnn = chain(keras.layers.GRU(4))
+    bare = tfs.export.convert(only_rnn, target="litert", recurrent="step", representative_data=x)
+    assert bare.head is None and bare.report.recurrent["head"]["model"] is False
+    np.testing.assert_allclose(bare.run_sequence(x[:3]), only_rnn(x[:3]), atol=1e-4)
 
 
 def test_factorized_cells_keep_their_factors_in_the_step_model():

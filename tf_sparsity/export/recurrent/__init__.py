@@ -5,17 +5,21 @@ with recurrent layers (Keras `GRU`, `LSTM`, `SimpleRNN`, `RNN(cell)` with
 the package's low-rank / FastGRNN / factorized cells):
 
 - **step** (the default for `tflm` and `edgetpu`): the model of *one* time
-  step. Inputs `x` `[1, features]` and every state `[1, units]`; outputs the
-  head's output, then every new state. Weights are stored once, factorized
-  cells keep their factors (U and V, not U·V), file and arena do not grow
-  with the sequence. The firmware (or `ExportResult.run_sequence`) loops over
-  the time steps and copies each new state back to its input. int8 states
-  leave the model with exactly the quantization of the state inputs (a
-  requantizing QUANTIZE op is appended where the converter chose other
-  parameters), so that copy is a `memcpy`. The C files come with
-  `<stem>_sequence.h`, the documented C++ loop.
+  step. Inputs `x` `[1, features]` and every state `[1, units]`; outputs
+  every new state. The head (the layers after the last recurrent layer) is
+  a second model (`result.head`) run once per sequence on the final state
+  (it stays in the step model, output 0, when the last recurrent layer
+  returns sequences). Weights are stored once, factorized cells keep their
+  factors (U and V, not U·V), file and arena do not grow with the
+  sequence. The firmware (or `result.run_sequence`) loops over the time
+  steps and copies each new state back to its input. int8 states leave the
+  model with exactly the quantization of the state inputs (the state input
+  takes the new state's parameters where its readers allow, else a
+  requantizing QUANTIZE op is appended), so that copy is a `memcpy`. The C
+  files come with `<stem>_sequence.h`, the documented C++ loop.
 - **loop**: one `WHILE` graph with shared weights (Keras 3's own conversion);
-  float only: full-int8 conversion of the loop crashes the TF 2.21 converter.
+  float only: full-int8 conversion of the loop crashes the TF 2.21 converter,
+  and ai-edge-quantizer 0.10 does not calibrate the loop body.
 - **fused**: an LSTM as one `UNIDIRECTIONAL_SEQUENCE_LSTM` op, rebuilt with
   `tf_keras` in a child process (the `baseline` extra).
 - **unroll**: the sequence unrolled into plain ops over a static length

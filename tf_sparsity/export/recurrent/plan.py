@@ -7,14 +7,6 @@ import numpy as np
 
 from tf_sparsity.export.errors import ExportError
 
-FORMS = ("auto", "step", "loop", "fused", "unroll")
-METADATA_NAME = "tf_sparsity.recurrent"
-# Calibration samples (one time step each) for the int8 step model.
-_MAX_CALIBRATION_STEPS = 800
-_PER_CHANNEL = True  # int8 FULLY_CONNECTED weights per output channel (the converter's default)
-
-
-
 from tf_sparsity import _compat
 
 FORMS = ("auto", "step", "loop", "fused", "unroll")
@@ -92,6 +84,7 @@ class StepPlan:
     states: list              # [{"layer", "index", "size"}]
     sequence_output: bool     # the last RNN returns sequences: one output per step
     input_dtype: str = "float32"
+    head_state: int | None = None  # set by the exporter: the state the separate head model reads
 
 
 def step_plan(model, steps=None):
@@ -178,26 +171,84 @@ def step_plan(model, steps=None):
                     input_dtype=str(inputs[0].dtype))
 
 
-def step_function(plan):
-    """`fn(x_t, *states) -> [output, *new_states]`: the plan's chain for one time step."""
+def _last_rnn(plan):
     import keras
+
+    return max(i for i, l in enumerate(plan.chain) if isinstance(l, keras.layers.RNN))
+
+
+def _per_step(layer, x):
+    import keras
+
+    if isinstance(layer, keras.layers.TimeDistributed):
+        return layer.layer(x, training=False)
+    return layer(x, training=False)
+
+
+def step_function(plan, part="all"):
+    """The plan's chain for one time step, or a part of it.
+
+    `part="all"`: `fn(x_t, *states) -> [output, *new_states]` (the head runs
+    every step); `"step"`: `fn(x_t, *states) -> new_states` (the chain up to
+    the last recurrent layer); `"head"`: `fn(h) -> [output]` (the layers
+    after it, on the state `plan.head_state`).
+    """
+    import keras
+
+    last = _last_rnn(plan)
+    if part == "head":
+        return lambda h: [_chain(plan.chain[last + 1:], h)]
 
     def step(x, *states):
         k = 0
         new_states = []
-        for layer in plan.chain:
+        for layer in plan.chain[:last + 1] if part == "step" else plan.chain:
             if isinstance(layer, keras.layers.RNN):
                 n = len(_state_sizes(layer))
                 x, state = layer.cell(x, list(states[k:k + n]), training=False)
                 new_states += keras.tree.flatten(state)
                 k += n
-            elif isinstance(layer, keras.layers.TimeDistributed):
-                x = layer.layer(x, training=False)
             else:
-                x = layer(x, training=False)
-        return [x] + new_states
+                x = _per_step(layer, x)
+        return new_states if part == "step" else [x] + new_states
 
     return step
+
+
+def _chain(layers, x):
+    for layer in layers:
+        x = _per_step(layer, x)
+    return x
+
+
+def head_state(plan, seed=0):
+    """Which state is the last recurrent layer's output (the head's input), or None.
+
+    The head then runs once per sequence on that state instead of at every
+    step. None when the last recurrent layer returns sequences (one output
+    per step) or when its cell's output is none of its new states (checked
+    numerically on random inputs; GRU, LSTM, SimpleRNN, FastGRNN and the
+    low-rank cells output their state `h`).
+    """
+    import keras
+
+    if plan.sequence_output:
+        return None
+    last = _last_rnn(plan)
+    layer = plan.chain[last]
+    first = sum(len(_state_sizes(l)) for l in plan.chain[:last] if isinstance(l, keras.layers.RNN))
+    sizes = _state_sizes(layer)
+    rng = np.random.default_rng(seed)
+    width = int(layer.input.shape[-1]) if getattr(layer, "input", None) is not None else plan.features
+    x = rng.normal(size=(2, width)).astype(np.float32)
+    states = [rng.normal(size=(2, s)).astype(np.float32) for s in sizes]
+    out, new = layer.cell(x, states, training=False)
+    out = keras.ops.convert_to_numpy(out)
+    for k, value in enumerate(keras.tree.flatten(new)):
+        value = keras.ops.convert_to_numpy(value)
+        if value.shape == out.shape and np.array_equal(value, out):
+            return first + k
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -239,7 +290,8 @@ def resolve(model, target, quantize, recurrent):
         working = "'step' or 'unroll'" + (" or 'fused' (LSTM)" if _all_lstm(rnns) else "")
         raise ValueError(
             f"recurrent='loop' is float only: full-{quantize} conversion of the WHILE loop crashes the TF 2.21 "
-            f"converter (segfault){', and target ' + repr(target) + ' needs int8' if target != 'litert' else ''}. "
+            "converter (segfault) and ai-edge-quantizer 0.10 does not calibrate the loop body (docs/export.md)"
+            f"{', and target ' + repr(target) + ' needs int8' if target != 'litert' else ''}. "
             f"Use recurrent={working} for {quantize}, or quantize=None on target 'litert' for the loop.")
     if recurrent == "fused" and not _all_lstm(rnns):
         names = [l.name for l in rnns if not _is_plain_lstm(l)]

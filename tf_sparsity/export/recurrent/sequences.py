@@ -10,9 +10,6 @@ from tf_sparsity.export import runtimes
 from tf_sparsity.export.errors import VerificationError
 from tf_sparsity.export.result import ExportResult
 
-
-
-
 from tf_sparsity.export.recurrent.step_model import metadata
 
 
@@ -35,7 +32,28 @@ def _session(tflite, runtime, arena_size=None):
             lambda j: interpreter.get_tensor(outs[j]["index"]).copy())
 
 
-def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena_size=None):
+def _head_runner(meta, head, runtime, arena_size):
+    """`fn(carried states) -> output [1, ...]`: the head model once on the final state (split step models)."""
+    split = meta.get("head")
+    if not split:
+        return None
+    k = split["state"]
+    if not split["model"]:  # nothing after the recurrent layer: the output is that state
+        return lambda carried: carried[k]
+    if head is None:
+        raise ValueError("this step model runs its head as a separate model once per sequence: pass "
+                         "`head=result.head` (the bytes of `<stem>_head.tflite`).")
+    set_input, invoke, get_output = _session(head, runtime, arena_size)
+
+    def run(carried):
+        set_input(0, carried[k])
+        invoke()
+        return get_output(0)
+
+    return run
+
+
+def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena_size=None, head=None):
     """Run a step model over whole sequences, carrying the state between invokes.
 
     Args:
@@ -47,6 +65,8 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
             one per state, e.g. to continue a stream.
         raw: return the int8 outputs of an int8 model instead of floats.
         arena_size: tflite-micro arena bytes (default: a generous size).
+        head: the head model (`result.head`) when the step model has its
+            head split off: it runs once, on the final state.
 
     Returns:
         The head's output after the last step, `[n, ...]`; `[n, steps, ...]`
@@ -56,7 +76,8 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
     >>> m = keras.Sequential([keras.Input((10, 2)), keras.layers.SimpleRNN(4), keras.layers.Dense(2)])
     >>> x = np.random.default_rng(1).normal(size=(20, 10, 2)).astype("float32")
     >>> r = tfs.export.convert(m, recurrent="step")          # float, LiteRT
-    >>> bool(np.allclose(run_sequence(r.tflite, x[:3], runtime="litert"), m(x[:3]), atol=1e-4))
+    >>> y = run_sequence(r.tflite, x[:3], runtime="litert", head=r.head)  # head: once per sequence
+    >>> bool(np.allclose(y, m(x[:3]), atol=1e-4))
     True
     """
     meta = metadata(tflite)
@@ -76,6 +97,8 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
         raise ValueError(f"`initial_state` must hold {len(states)} arrays (one per state); received "
                          f"{len(initial_state)}.")
     set_input, invoke, get_output = _session(tflite, runtime, arena_size)
+    run_head = _head_runner(meta, head, runtime, arena_size)
+    outputs = [s["output"] for s in states]
     in_q, out_q = meta["input"], meta["output"]
     quant = lambda v, q: (runtimes.quantize(v, (q["scale"], q["zero_point"]), np.dtype(q["dtype"]))  # noqa: E731
                           if q.get("scale") else np.asarray(v, np.float32))
@@ -92,9 +115,9 @@ def run_sequence(tflite, x, runtime="tflm", initial_state=None, raw=False, arena
                         set_input(1 + k, value)
                     set_input(0, quant(x[n, t:t + 1], in_q))
                     invoke()
-                    carried = [get_output(1 + k) for k in range(len(states))]
+                    carried = [get_output(j) for j in outputs]
                     if meta["sequence_output"] or t == x.shape[1] - 1:
-                        per_step.append(get_output(0))
+                        per_step.append(get_output(0) if run_head is None else run_head(carried))
                 y = np.stack(per_step, 1) if meta["sequence_output"] else per_step[-1]
                 results.append(y[0])
             failure = None
@@ -143,19 +166,22 @@ def _run_fused(tflite, x, runtime, meta, raw, arena_size):
     return runtimes.dequantize(out, (q_out["scale"], q_out["zero_point"]))
 
 
-def time_sequence(tflite, x, runtime="tflm", repeats=None):
+def time_sequence(tflite, x, runtime="tflm", repeats=None, head=None):
     """Seconds per sequence on `runtime`: {"invoke": median of the summed invoke() times,
     "loop": median wall time of the whole Python loop (invokes + state copies + I/O)}.
 
     The firmware's loop does what `invoke` measures plus a few `memcpy`s; the
-    Python loop's I/O costs much more than that on a host.
+    Python loop's I/O costs much more than that on a host. A split-off head
+    (`head`) is invoked once per sequence and counted in both.
     """
     meta = metadata(tflite)
     if meta.get("form") == "fused":  # one invoke per sequence
         return {"invoke": runtimes.time_tflm(tflite) if runtime == "tflm" else runtimes.time_litert(tflite),
                 "loop": None, "sequences": None}
     set_input, invoke, get_output = _session(tflite, runtime)
+    run_head = _head_runner(meta, head, runtime, None)
     states = meta["states"]
+    outputs = [s["output"] for s in states]
     in_q = meta["input"]
     x = np.asarray(x, np.float32)
     invokes, loops = [], []
@@ -173,8 +199,13 @@ def time_sequence(tflite, x, runtime="tflm", repeats=None):
             t0 = time.perf_counter()
             invoke()
             spent += time.perf_counter() - t0
-            carried = [get_output(1 + k) for k in range(len(states))]
-        get_output(0)
+            carried = [get_output(j) for j in outputs]
+        if run_head is None:
+            get_output(0)
+        else:
+            t0 = time.perf_counter()
+            run_head(carried)
+            spent += time.perf_counter() - t0
         loops.append(time.perf_counter() - start)
         invokes.append(spent)
     return {"invoke": float(np.median(invokes)), "loop": float(np.median(loops)), "sequences": len(invokes)}
@@ -191,29 +222,60 @@ def sequence_header(meta, stem, model_symbol=None):
     macro = f"G_{ident.upper()}"
     fn = f"{ident}_run_sequence"
     states = meta["states"]
+    split = meta.get("head") or None
+    head_model = bool(split and split["model"])
     int8 = bool(meta["input"].get("scale"))  # quantized (int8, or int16 activations)
     wide = meta["input"].get("dtype") == "int16"
     ctype = ("int16_t" if wide else "int8_t") if int8 else "float"
+    out_ctype = {"int8": "int8_t", "int16": "int16_t"}.get(meta["output"].get("dtype"), "float")
     field = ("i16" if wide else "int8") if int8 else "f"
     low, high = (-32768, 32767) if wide else (-128, 127)
+    first = 0 if split else 1
+    ops = " / Add".join(meta.get("op_names", ["..."]))
     lines = [
         f"// Generated by tf_sparsity.export: run the one-step model g_{ident}_model_data over a",
         "// whole sequence on tflite-micro, carrying the recurrent state between invokes.",
         "//",
         "// The model is ONE time step: input 0 is x_t [1, features]; inputs 1..S are the states;",
-        "// output 0 is the head's output, outputs 1..S the new states (same shapes and, for int8,",
+        (f"// outputs 0..S-1 are the new states" if split else
+         "// output 0 is the head's output, outputs 1..S the new states") +
+        " (same shapes and, for int8,",
         "// the same quantization as the state inputs, so carrying a state is a memcpy).",
         "// The zero state of an int8 model is its zero point, not 0.",
+    ]
+    if head_model:
+        lines += [
+            f"// The head (the layers after the recurrent layer) is a second model, g_{ident}_head_model_data",
+            f"// ({stem}_head.h), invoked ONCE per sequence on the final state {split['state']}; its input has",
+            "// that state's quantization (a memcpy again). It needs its own interpreter and arena.",
+        ]
+    elif split:
+        lines.append(f"// The output is the final state {split['state']} (no layers after the recurrent layer).")
+    lines += [
         "//",
         "// Usage (the op resolver needs the ops listed below):",
         f"//   #include \"{stem}.h\"",
+        *([f"//   #include \"{stem}_head.h\""] if head_model else []),
         f"//   #include \"{stem}_sequence.h\"",
         f"//   alignas(16) static uint8_t arena[{macro}_MODEL_DATA_ARENA_BYTES + 1024];",
         f"//   const tflite::Model* model = tflite::GetModel(g_{ident}_model_data);",
-        f"//   tflite::MicroMutableOpResolver<{macro}_NUM_OPS> resolver;  // Add{' / Add'.join(meta.get('op_names', ['...']))}",
+        f"//   tflite::MicroMutableOpResolver<{macro}_NUM_OPS> resolver;  // Add{ops}",
         "//   tflite::MicroInterpreter interpreter(model, resolver, arena, sizeof(arena));",
         "//   interpreter.AllocateTensors();",
-        f"//   {fn}(interpreter, x, {macro}_STEPS, logits);   // x: float[steps * features]",
+    ]
+    if head_model:
+        head_ops = " / Add".join(split.get("op_names", ["..."]))
+        lines += [
+            f"//   alignas(16) static uint8_t head_arena[{macro}_HEAD_MODEL_DATA_ARENA_BYTES + 512];",
+            f"//   tflite::MicroMutableOpResolver<{macro}_HEAD_NUM_OPS> head_resolver;  // Add{head_ops}",
+            f"//   tflite::MicroInterpreter head(tflite::GetModel(g_{ident}_head_model_data), head_resolver,",
+            "//                                 head_arena, sizeof(head_arena));",
+            "//   head.AllocateTensors();",
+            f"//   {fn}(interpreter, head, x, {macro}_STEPS, logits);   // x: float[steps * features]",
+        ]
+    else:
+        lines.append(f"//   {fn}(interpreter, x, {macro}_STEPS, logits);   // x: float[steps * features]")
+    lines += [
         "",
         f"#ifndef {macro}_SEQUENCE_H_",
         f"#define {macro}_SEQUENCE_H_",
@@ -227,8 +289,11 @@ def sequence_header(meta, stem, model_symbol=None):
         f"#define {macro}_STEPS {int(meta['steps'] or 0)}  // sequence length seen at export (any length runs)",
         f"#define {macro}_FEATURES {int(meta['features'])}",
         f"#define {macro}_NUM_STATES {len(states)}",
+        f"#define {macro}_STATE_OUTPUT_OFFSET {first}  // output index of state 0",
         f"#define {macro}_NUM_OPS {len(meta.get('op_names', [])) or 16}",
     ]
+    if head_model:
+        lines.append(f"#define {macro}_HEAD_NUM_OPS {len(split.get('op_names', [])) or 8}")
     if int8:
         lines += [f"#define {macro}_INPUT_SCALE {meta['input']['scale']!r}f",
                   f"#define {macro}_INPUT_ZERO_POINT {meta['input']['zero_point']}",
@@ -239,15 +304,16 @@ def sequence_header(meta, stem, model_symbol=None):
                      + (f", {s['dtype']} scale {s['scale']!r}, zero point {s['zero_point']}" if int8 else ", float32"))
     sizes = ", ".join(str(s["size"]) for s in states)
     zeros = ", ".join(str(s.get("zero_point", 0)) for s in states)
+    head_arg = "tflite::MicroInterpreter& head, " if head_model else ""
     lines += [
         f"static const int {ident}_state_sizes[{macro}_NUM_STATES] = {{{sizes}}};",
         f"static const int {ident}_state_zero_points[{macro}_NUM_STATES] = {{{zeros}}};",
         "",
         "// Runs `steps` time steps of `x` (float, row-major [steps][features]) from the zero",
-        "// state and copies the head's output after the last step to `output`",
-        f"// ({ctype}; size of output tensor 0). Returns kTfLiteError if an invoke fails.",
-        f"inline TfLiteStatus {fn}(tflite::MicroInterpreter& interpreter, const float* x, int steps,",
-        f"                              {ctype}* output) {{",
+        "// state and copies the output after the last step to `output`",
+        f"// ({out_ctype}; the size of the output tensor). Returns kTfLiteError if an invoke fails.",
+        f"inline TfLiteStatus {fn}(tflite::MicroInterpreter& interpreter, {head_arg}const float* x,",
+        f"                              int steps, {out_ctype}* output) {{",
         f"  for (int s = 0; s < {macro}_NUM_STATES; ++s) {{",
         "    TfLiteTensor* state = interpreter.input(1 + s);",
         f"    for (int i = 0; i < {ident}_state_sizes[s]; ++i) state->data.{field}[i] = "
@@ -268,14 +334,26 @@ def sequence_header(meta, stem, model_symbol=None):
     lines += [
         "    }",
         "    if (interpreter.Invoke() != kTfLiteOk) return kTfLiteError;",
-        "    // Carry the state: new state (output 1 + s) -> state input (input 1 + s). memmove:",
+        "    // Carry the state: new state (output OFFSET + s) -> state input (input 1 + s). memmove:",
         "    // the memory planner may place an output where an input lived.",
         f"    for (int s = 0; s < {macro}_NUM_STATES; ++s) {{",
-        "      memmove(interpreter.input(1 + s)->data.raw, interpreter.output(1 + s)->data.raw,",
-        "              interpreter.output(1 + s)->bytes);",
+        f"      const TfLiteTensor* next = interpreter.output({macro}_STATE_OUTPUT_OFFSET + s);",
+        "      memmove(interpreter.input(1 + s)->data.raw, next->data.raw, next->bytes);",
         "    }",
         "  }",
-        "  TfLiteTensor* out = interpreter.output(0);",
+    ]
+    if head_model:
+        lines += [
+            f"  const TfLiteTensor* last = interpreter.output({macro}_STATE_OUTPUT_OFFSET + {split['state']});",
+            "  memcpy(head.input(0)->data.raw, last->data.raw, last->bytes);  // same quantization",
+            "  if (head.Invoke() != kTfLiteOk) return kTfLiteError;",
+            "  TfLiteTensor* out = head.output(0);",
+        ]
+    elif split:
+        lines.append(f"  const TfLiteTensor* out = interpreter.output({macro}_STATE_OUTPUT_OFFSET + {split['state']});")
+    else:
+        lines.append("  TfLiteTensor* out = interpreter.output(0);")
+    lines += [
         "  memcpy(output, out->data.raw, out->bytes);",
         "  return kTfLiteOk;",
         "}",
@@ -298,23 +376,30 @@ class RecurrentExportResult(ExportResult):
     `run_sequence(x)` runs float sequences `[n, steps, features]` on the
     target's runtime (tflite-micro for `tflm`, LiteRT otherwise), carrying
     the state between invokes as the firmware does; `time_sequence(x)` times
-    it.
+    it. `head` holds the head model (the layers after the last recurrent
+    layer, run once per sequence on the final state) when it is split off
+    the step model, else None.
     """
 
     def _runtime(self, runtime):
         return runtime or ("tflm" if self.target == "tflm" else "litert")
 
+    head: bytes | None = None
+
     def run_sequence(self, x, runtime=None, initial_state=None, raw=False):
         """Outputs of whole sequences (see `tf_sparsity.export.recurrent.run_sequence`)."""
-        return run_sequence(self.tflite, x, runtime=self._runtime(runtime), initial_state=initial_state, raw=raw)
+        return run_sequence(self.tflite, x, runtime=self._runtime(runtime), initial_state=initial_state, raw=raw,
+                            head=self.head)
 
     def time_sequence(self, x, runtime=None):
         """Median seconds per sequence (see `tf_sparsity.export.recurrent.time_sequence`)."""
-        return time_sequence(self.tflite, x, runtime=self._runtime(runtime))
+        return time_sequence(self.tflite, x, runtime=self._runtime(runtime), head=self.head)
 
     def __repr__(self):
-        return (f"<RecurrentExportResult target={self.target!r} quantize={self.quantize!r} form='step' "
-                f"{len(self.tflite):,} bytes path={self.path!r}>")
+        head = f" + head {len(self.head):,} bytes" if self.head is not None else ""
+        return (f"<RecurrentExportResult target={self.target!r} quantize={self.quantize!r} "
+                f"form={(self.report.recurrent or {}).get('form', 'step')!r} {len(self.tflite):,} bytes{head} "
+                f"path={self.path!r}>")
 
 
 def _agreement(raw, expected, meta):
