@@ -49,7 +49,7 @@ NAMES = {
     "str-learned-offset": "STR (learned per-layer thresholds), offset-steered",
     "shared": "shared-threshold soft pruning",
     "tfmot": "tfmot magnitude",
-    "paper-regime": "STR paper regime (decay alone, no steering)",
+    "paper-regime": "STR (learned per-layer thresholds, the paper), paper regime: s_init -3200, decay alone, no steering",
 }
 
 
@@ -146,6 +146,8 @@ def run_tfmot(target, seed, npz, a):
 def main():
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-list", type=int, nargs="+", help="run these seeds instead of range(--seeds)")
+    p.add_argument("--merge", nargs="+", help="only merge these result files into --out and print the table")
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--samples", type=int, default=10000)
     p.add_argument("--targets", type=float, nargs="+", default=[0.9, 0.95, 0.98])
@@ -162,6 +164,16 @@ def main():
     p.add_argument("--validation", action="store_true", help="report a held-out 1/8 of train, not test")
     p.add_argument("--out", default=str(HERE / "results" / "str_bn_cnn.json"))
     a = p.parse_args()
+    if a.merge:  # seeds run as separate processes, one table
+        import json
+
+        parts = [json.loads(pathlib.Path(f).read_text()) for f in a.merge]
+        rows = [r for part in parts for r in part["rows"]]
+        write_results(a.out, {"args": parts[0]["args"], "merged": a.merge, "rows": rows})
+        print(table(rows))
+        print(trace_table(rows))
+        print(trace_table(rows, "paper-regime"))
+        return
     train, test = tfs.datasets.mnist1d(num_samples=a.samples)
     if a.validation:
         cut = len(train[0]) * 7 // 8
@@ -171,7 +183,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         npz = os.path.join(tmp, "data.npz")
         np.savez(npz, x=train[0], y=train[1], x_test=test[0], y_test=test[1])
-        for seed in range(a.seeds):
+        for seed in a.seed_list or range(a.seeds):
             if not a.no_dense:
                 rows.append(dict(method="dense", target=0.0, seed=seed, **run_keras("dense", None, seed, data, a)))
                 print(f"seed {seed} dense {rows[-1]['accuracy']:.4f}", flush=True)
@@ -201,27 +213,60 @@ def main():
 
 
 def table(rows):
-    lines = ["| method | target | accuracy % (mean ± std) | sparsity | sparsity before final offset | "
+    lines = ["| method | target | accuracy % (mean ± std), BN recalibrated | as trained (stale BN statistics) | "
+             "sparsity | sparsity before final offset | "
              "effective MACs / dense | per-layer sparsity conv1/conv2/conv3/fc1/logits |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     keys = []
     for r in rows:
-        k = (r["method"], r["target"], r.get("decay_gain"))
+        k = (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay"))
         if k not in keys:
             keys.append(k)
     for method, target, gain in keys:
-        group = [r for r in rows if (r["method"], r["target"], r.get("decay_gain")) == (method, target, gain)]
+        group = [r for r in rows
+                 if (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay")) == (method, target, gain)]
         acc = np.array([r["accuracy"] for r in group]) * 100
+        raw = [r["accuracy_as_trained"] for r in group if r.get("accuracy_as_trained") is not None]
+        raw = f"{100 * np.mean(raw):.2f} ± {100 * np.std(raw):.2f}" if raw else "–"
         sp = np.mean([r.get("sparsity", 0.0) for r in group]) * 100
         before = [r["sparsity_before_finish"] for r in group if r.get("sparsity_before_finish") is not None]
         macs = [r["macs_ratio"] for r in group if r.get("macs_ratio") is not None]
         layers = [r["layer_sparsity"] for r in group if r.get("layer_sparsity")]
         per = ("/".join(f"{100 * np.mean([l[n] for l in layers]):.0f}" for n in layers[0]) if layers else "–")
-        name = NAMES[method] + (f" (gain {gain:g})" if gain else "")
+        knob = "threshold_decay" if method == "paper-regime" else "gain"
+        name = NAMES[method] + (f" ({knob} {gain:g})" if gain else "")
         lines.append(f"| {name} | {'-' if target is None else f'{target:.2f}'} | {acc.mean():.2f} ± {acc.std():.2f} "
-                     f"(n={len(acc)}) | {sp:.1f}% | {f'{100 * np.mean(before):.1f}%' if before else '–'} | "
+                     f"(n={len(acc)}) | {raw} | {sp:.1f}% | {f'{100 * np.mean(before):.1f}%' if before else '–'} | "
                      f"{f'{np.mean(macs):.3f}' if macs else '–'} | {per} |")
     return "\n".join(lines)
+
+
+
+def trace_table(rows, method="str-learned", seed=0):
+    """Per-epoch threshold trace (seed `seed`) of each `method` row with `--trace`:
+    overall sparsity, inference-mode vs batch-statistics accuracy, and per layer
+    sparsity % / threshold / dL/dtau."""
+    out = []
+    for r in rows:
+        if r["method"] != method or r.get("seed") != seed or not r.get("trace"):
+            continue
+        layers = list(r["trace"][0]["layers"])
+        out += [f"{NAMES[method]}, target {r['target']}, seed {seed}" + (
+                    f", threshold_decay {r['paper_st_decay']:g}" if r.get("paper_st_decay") else ""), "",
+                "| epoch | sparsity | val acc (stale BN) | acc, BN batch stats | "
+                + " | ".join(f"{l}: sparsity / τ / dL/dτ" for l in layers) + " |",
+                "|---|---|---|---|" + "---|" * len(layers)]
+        for t in r["trace"]:
+            cells = []
+            for l in layers:
+                d = t["layers"][l]
+                g = d["dL_dthreshold"]
+                cells.append(f"{100 * d['sparsity']:.0f}% / {d['threshold']:.3g} / "
+                             f"{'–' if g is None else f'{g:.3g}'}")
+            out.append(f"| {t['epoch']} | {100 * t['sparsity']:.1f}% | {100 * (t['val_accuracy'] or 0):.1f} | "
+                       f"{100 * t['accuracy_bn_batch_stats']:.1f} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
