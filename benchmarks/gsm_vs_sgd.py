@@ -315,6 +315,8 @@ def layer_table(rows):
 def main():
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-list", type=int, nargs="+", help="run these seeds instead of range(--seeds)")
+    p.add_argument("--merge", nargs="+", help="only merge these result files into --out and print the tables")
     p.add_argument("--epochs", type=int, default=20, help="dense (pre)training epochs")
     p.add_argument("--gsm-epochs", type=int, default=40, help="GSM training epochs")
     p.add_argument("--gsm-init", choices=["pretrained", "scratch"], default="pretrained",
@@ -345,6 +347,17 @@ def main():
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "gsm_cnn.json"))
     a = p.parse_args()
+    if a.merge:  # seeds run as separate processes, one table
+        import json
+
+        parts = [json.loads(pathlib.Path(f).read_text()) for f in a.merge]
+        rows = [r for part in parts for r in part["accuracy"]]
+        write_results(pathlib.Path(a.out), {"command": "python " + " ".join(sys.argv), "merged": a.merge,
+                                            "args": parts[0]["args"], "accuracy": rows})
+        print(accuracy_table(rows))
+        print()
+        print(layer_table(rows))
+        return
     started = time.time()
     train, test = tfs.datasets.mnist1d(num_samples=a.samples)
     if a.validation:  # tuning: never look at the test split
@@ -365,7 +378,7 @@ def main():
         rows = []
         data = (train, test)
         workdir = tempfile.mkdtemp(prefix="gsm_bench_")
-        for seed in range(a.seeds):
+        for seed in a.seed_list or range(a.seeds):
             r, weights = run_dense(seed, data, a, a.epochs)
             rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))
             print(f"seed {seed} dense acc {r['accuracy']:.4f}", flush=True)
