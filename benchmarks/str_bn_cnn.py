@@ -1,8 +1,11 @@
 """STR on the BatchNorm MNIST-1D CNN: the paper's learned per-layer thresholds vs a shared threshold vs tfmot.
 
-    python benchmarks/str_bn_cnn.py --seeds 3 --epochs 12 --out benchmarks/results/str_bn_cnn.json
-    python benchmarks/str_bn_cnn.py --seeds 1 --epochs 12 --validation --targets 0.95 \\
-        --methods str-learned --decay-gains 5 10 20 --out /tmp/str_bn_tune.json   # tuning, validation split
+    # issue 16 (docs/benchmarks.md): one process per seed S = 0, 1, 2, then merged
+    python benchmarks/str_bn_cnn.py --seed-list S --epochs 12 --methods paper-regime str-learned shared \
+        --decay-gains 3 --paper-st-decays 0.03 0.05 --trace --out /tmp/str_test_seedS.json
+    python benchmarks/str_bn_cnn.py --merge /tmp/str_test_seed0.json ... --out benchmarks/results/str_bn_cnn.json
+    python benchmarks/str_bn_cnn.py --seeds 1 --epochs 12 --validation --targets 0.95 \
+        --methods str-learned --decay-gains 1 3 --out /tmp/str_bn_tune.json   # tuning, validation split
 
 `tfs.zoo.mnist1d_cnn_bn()` (conv-BN-ReLU x3, dense256, dense10; Keras'
 Glorot-uniform init for every row), MNIST-1D (`--samples`, 80/20 split),
@@ -26,8 +29,9 @@ Rows (`--methods`):
   gradient exactly 0), sparsity from the decay on `s` alone
   (`threshold_decay=--paper-st-decay`), no steering; one row, whatever
   sparsity it reaches.
-Each row reports accuracy, sparsity, effective MACs / dense MACs and the
-per-layer budgets.
+Each row reports accuracy after `tfs.recalibrate_batchnorm` (and as
+trained), sparsity, effective MACs / dense MACs and the per-layer budgets;
+`--trace` adds per-epoch thresholds, sparsity and dL/dtau per layer.
 """
 
 import os
