@@ -148,10 +148,41 @@ def run_dense_continued(seed, data, a, weights):
             "seconds_per_step": result["seconds_per_step"]}
 
 
+def _gsm_schedule(data, a):
+    """The GSM phase's learning rate: cosine to 0, or the official code's
+    linear warm-up then x0.1 steps (`--gsm-schedule step`; LeNet-300: at
+    epochs 160/200/240 of 280, i.e. at 4/7, 5/7, 6/7 of training)."""
+    per_epoch = int(np.ceil(len(data[0][0]) / 128))
+    steps = a.gsm_epochs * per_epoch
+    if a.gsm_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
+    bounds = [int(steps * f) for f in (4 / 7, 5 / 7, 6 / 7)]
+    values = [a.gsm_lr * 0.1 ** i for i in range(4)]
+    step_lr = keras.optimizers.schedules.PiecewiseConstantDecay(bounds, values)
+    warmup = a.gsm_warmup_epochs * per_epoch
+    if not warmup:
+        return step_lr
+    return _Warmup(step_lr, warmup)
+
+
+@keras.saving.register_keras_serializable(package="benchmarks")
+class _Warmup(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up from 0 over `warmup` steps, then `schedule` (the official WarmupMultiStepLR)."""
+
+    def __init__(self, schedule, warmup):
+        self.schedule, self.warmup = schedule, int(warmup)
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        factor = keras.ops.minimum(1.0, step / float(self.warmup))
+        return factor * self.schedule(step)
+
+    def get_config(self):
+        return {"schedule": keras.saving.serialize_keras_object(self.schedule), "warmup": self.warmup}
+
+
 def _continued_sgd(data, a):
-    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
-    return keras.optimizers.SGD(keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps), momentum=0.99,
-                                nesterov=True)
+    return keras.optimizers.SGD(_gsm_schedule(data, a), momentum=a.gsm_momentum, nesterov=True)
 
 
 def run_magnitude_finetune(compression, seed, data, a, weights):
@@ -194,11 +225,10 @@ def run_gsm(compression, seed, data, a, weights=None, threshold_method="histogra
     model = MODELS[a.model]()  # no kernel_regularizer: GSM applies the L2
     if weights is not None:
         model.set_weights(weights)
-    steps = a.gsm_epochs * int(np.ceil(len(data[0][0]) / 128))
-    schedule = keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
-    opt = GlobalSparseMomentum(schedule, momentum=0.99, nesterov=True, weight_decay=a.gsm_weight_decay,
-                               compression=compression, threshold_method=threshold_method,
-                               decay_scope=a.gsm_decay_scope)
+    opt = GlobalSparseMomentum(_gsm_schedule(data, a), momentum=a.gsm_momentum, nesterov=True,
+                               weight_decay=a.gsm_weight_decay, compression=compression,
+                               threshold_method=threshold_method, decay_scope=a.gsm_decay_scope,
+                               ramp_steps=a.gsm_ramp_epochs * int(np.ceil(len(data[0][0]) / 128)))
     result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt,
                               callbacks=[GSMMonitor()])
     active = opt.active_fractions()
@@ -285,6 +315,8 @@ def layer_table(rows):
 def main():
     p = parser(__doc__)
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed-list", type=int, nargs="+", help="run these seeds instead of range(--seeds)")
+    p.add_argument("--merge", nargs="+", help="only merge these result files into --out and print the tables")
     p.add_argument("--epochs", type=int, default=20, help="dense (pre)training epochs")
     p.add_argument("--gsm-epochs", type=int, default=40, help="GSM training epochs")
     p.add_argument("--gsm-init", choices=["pretrained", "scratch"], default="pretrained",
@@ -298,6 +330,13 @@ def main():
     p.add_argument("--gsm-lr", type=float, default=0.02, help="GSM learning rate (momentum 0.99)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
     p.add_argument("--gsm-weight-decay", type=float, default=5e-3, help="GSM coupled L2")
+    p.add_argument("--gsm-momentum", type=float, default=0.99, help="GSM (and control) momentum")
+    p.add_argument("--gsm-schedule", choices=["cosine", "step"], default="cosine",
+                   help="GSM phase lr: cosine, or the official warm-up + x0.1 at 4/7, 5/7, 6/7")
+    p.add_argument("--gsm-warmup-epochs", type=int, default=0, help="linear warm-up (step schedule only)")
+    p.add_argument("--gsm-ramp-epochs", type=int, default=0, help="GSM ramp_steps, in epochs")
+    p.add_argument("--validation", action="store_true",
+                   help="hold out the last 1/8 of the training split and report it instead of the test split")
     p.add_argument("--gsm-decay-scope", choices=["kernels", "all"], default="kernels",
                    help="GSM's L2 scope; 'kernels' = every other row's (kernel_regularizer / tfmot)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
@@ -308,8 +347,22 @@ def main():
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", default=str(HERE / "results" / "gsm_cnn.json"))
     a = p.parse_args()
+    if a.merge:  # seeds run as separate processes, one table
+        import json
+
+        parts = [json.loads(pathlib.Path(f).read_text()) for f in a.merge]
+        rows = [r for part in parts for r in part["accuracy"]]
+        write_results(pathlib.Path(a.out), {"command": "python " + " ".join(sys.argv), "merged": a.merge,
+                                            "args": parts[0]["args"], "accuracy": rows})
+        print(accuracy_table(rows))
+        print()
+        print(layer_table(rows))
+        return
     started = time.time()
     train, test = tfs.datasets.mnist1d(num_samples=a.samples)
+    if a.validation:  # tuning: never look at the test split
+        cut = len(train[0]) * 7 // 8
+        train, test = (train[0][:cut], train[1][:cut]), (train[0][cut:], train[1][cut:])
     results = {"command": "python " + " ".join(sys.argv), "args": vars(a),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -325,7 +378,7 @@ def main():
         rows = []
         data = (train, test)
         workdir = tempfile.mkdtemp(prefix="gsm_bench_")
-        for seed in range(a.seeds):
+        for seed in a.seed_list or range(a.seeds):
             r, weights = run_dense(seed, data, a, a.epochs)
             rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))
             print(f"seed {seed} dense acc {r['accuracy']:.4f}", flush=True)

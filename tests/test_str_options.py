@@ -109,3 +109,38 @@ def test_files_saved_before_the_decay_scale_still_load():
     for layer in loaded.layers[1:]:
         assert (float(layer.threshold_logit), float(layer.threshold_offset)) == (-2.5, 0.25)
         assert float(layer.threshold_decay_scale) == 1.0
+
+# ------------------------------------------------ BatchNorm recalibration
+def test_recalibrate_batchnorm_sets_population_statistics_and_nothing_else():
+    keras.utils.set_random_seed(0)
+    model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(filters=4, hidden=8), s_init=-1.0)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (256, 40, 1)).astype("float32")
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    assert tfs.recalibrate_batchnorm(model, x, batch_size=64) == 4
+    bn = model.get_layer("bn1")
+    h = keras.Model(model.input, bn.input)(x).numpy().reshape(-1, 4)
+    batches = h.reshape(4, -1, 4)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), h.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), batches.var(1).mean(0), rtol=1e-3, atol=1e-6)
+    for b, v in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    assert bn.momentum == 0.99 and bn.trainable
+    # inference now matches training-mode normalisation on the same data
+    np.testing.assert_allclose(model(x[:64], training=False).numpy(), model(x[:64], training=True).numpy(),
+                               rtol=0.2, atol=0.05)
+
+
+def test_recalibrate_batchnorm_frozen_layer_and_bad_input():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
+    model.layers[0].trainable = False
+    x = np.full((8, 3), 5.0, "float32")
+    assert tfs.recalibrate_batchnorm(model, x, batch_size=4, max_batches=1) == 1
+    np.testing.assert_allclose(model.layers[0].moving_mean.numpy(), 5.0)
+    assert model.layers[0].trainable is False
+    with pytest.raises(ValueError, match="batch_size"):
+        tfs.recalibrate_batchnorm(model, x, batch_size=0)
+    with pytest.raises(ValueError, match="fewer than one"):
+        tfs.recalibrate_batchnorm(model, x, batch_size=64)
+    with pytest.raises(TypeError, match="model"):
+        tfs.recalibrate_batchnorm("model", x)
+    assert tfs.recalibrate_batchnorm(keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]), x) == 0

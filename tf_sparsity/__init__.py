@@ -20,6 +20,7 @@ if _startup.launched_as_cli():
     _startup.quiet_tensorflow_startup()
 
 from tf_sparsity import (  # noqa: E402
+    batchnorm,
     budget,
     callbacks,
     collapse,
@@ -38,6 +39,7 @@ from tf_sparsity import (  # noqa: E402
     summarize,
     zoo,
 )
+from tf_sparsity.batchnorm import recalibrate_batchnorm  # noqa: E402
 from tf_sparsity.pruning.at_init import prune_at_init  # noqa: E402
 from tf_sparsity.pruning.greedy import greedy_prune
 from tf_sparsity.pruning.str import soft_threshold
@@ -47,7 +49,8 @@ from tf_sparsity.surgery import strip
 __version__ = "0.1.0"
 
 __all__ = [
-    "budget", "callbacks", "collapse", "datasets", "distribute", "export", "layers", "ops", "optimizers", "protocols",
+    "batchnorm", "budget", "callbacks", "collapse", "datasets", "distribute", "export", "layers", "ops", "optimizers",
+    "protocols",
     "prunable", "pruning", "recipes", "report", "schedules", "summarize", "zoo",
-    "greedy_prune", "prune_at_init", "soft_threshold", "sparsity", "summary", "strip",
+    "greedy_prune", "prune_at_init", "recalibrate_batchnorm", "soft_threshold", "sparsity", "summary", "strip",
 ]
