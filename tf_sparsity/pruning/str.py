@@ -2,6 +2,7 @@
 
 
 from tf_sparsity import surgery
+from tf_sparsity.surgery.coupling import model_structure
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 
@@ -69,7 +70,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
     )
     if granularity != "channel" or not channel_groups:
         return wrapped
-    grouped = surgery.ChannelGroupModel(wrapped.input, wrapped.output, name=wrapped.name)
+    grouped = surgery.ChannelGroupModel(*model_structure(wrapped), name=wrapped.name)
     if not grouped.channel_coupling or not grouped.channel_coupling.num_units:
         groups = grouped.channel_coupling.groups if grouped.channel_coupling else None
         raise ValueError(

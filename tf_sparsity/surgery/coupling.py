@@ -38,7 +38,7 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 from tf_sparsity.surgery.graph import wrappers
 from tf_sparsity.surgery.groups import channel_groups
 
-__all__ = ["ChannelCoupling", "ChannelGroupModel", "couple_channels"]
+__all__ = ["ChannelCoupling", "ChannelGroupModel", "couple_channels", "model_structure"]
 
 
 class _Plan:
@@ -188,6 +188,15 @@ def couple_channels(model):
     for wrapper in ids:
         wrapper.coupling = coupling
     return coupling
+
+
+def model_structure(model):
+    """`(inputs, outputs)` of a built functional / Sequential model, single tensors
+    unwrapped (so a new `keras.Model` over them takes the same call structure)."""
+    def one(tensors):
+        return tensors[0] if len(tensors) == 1 else list(tensors)
+
+    return one(model.inputs), one(model.outputs)
 
 
 @keras.saving.register_keras_serializable(package="tf_sparsity")

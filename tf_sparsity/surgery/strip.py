@@ -7,7 +7,7 @@ from tf_sparsity.layers.low_rank import stripped_rnn
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 from tf_sparsity.protocols import StrippableCell, StrippableLayer
 from tf_sparsity.surgery.channels import remove_zero_channels
-from tf_sparsity.surgery.coupling import ChannelGroupModel
+from tf_sparsity.surgery.coupling import ChannelGroupModel, model_structure
 from tf_sparsity.surgery.group_surgery import prune_dead_units
 from tf_sparsity.surgery.graph import map_layers, transfer_weights, wrappers
 
@@ -57,7 +57,7 @@ def strip(model):
 
     plain = map_layers(model, replace, transfer=transfer)
     if isinstance(plain, ChannelGroupModel):  # clone_model keeps the class: hand back a plain model
-        plain = keras.Model(plain.input, plain.output, name=plain.name)
+        plain = keras.Model(*model_structure(plain), name=plain.name)
     if grouped:  # channel-STR over channel groups: remove the dead units, exactly
         plain = prune_dead_units(plain)
     return remove_zero_channels(plain, shrink) if shrink else plain
