@@ -154,8 +154,8 @@ def couple_channels(model):
     >>> h = keras.layers.Dense(6, name="h")(x)
     >>> m = keras.Model(x, keras.layers.Dense(2)(keras.layers.Add()([h, keras.layers.Dense(6, name="r")(h)])))
     >>> sparse = tfs.soft_threshold(m, granularity="channel")
-    >>> sparse.channel_coupling.num_units  # h and r's 6 tied channels, and h's 6 inputs of r
-    12
+    >>> sparse.channel_coupling.num_units  # the Add ties h's and r's 6 outputs (r's inputs too)
+    6
     """
     members = {id(w.layer): w for w in wrappers(model)
                if isinstance(w, SoftThreshold) and w.granularity == "channel"}

@@ -248,7 +248,7 @@ def dead_units(groups):
 
     >>> import keras, numpy as np, tf_sparsity as tfs
     >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="h"), keras.layers.Dense(2)])
-    >>> m.layers[1].kernel.assign(np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], "float32"))
+    >>> _ = m.layers[1].kernel.assign(np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], "float32"))
     >>> {n: [int(i) for i in k] for n, k in tfs.surgery.dead_units(tfs.surgery.channel_groups(m)).items()}
     {'h': [0, 2]}
     """
