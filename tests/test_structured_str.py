@@ -59,7 +59,8 @@ def test_channel_str_strip_removes_channels_exactly_for_dense_chains():
     a.set_weights([random_like((12, 16)) * scale, random_like((16,), seed=5)])  # nonzero bias
     for w in model.get_layer("bn").weights:
         w.assign(np.random.default_rng(1).random(w.shape).astype("float32") + 0.5)
-    sparse = tfs.soft_threshold(model, granularity="channel", s_init=-1.0)  # threshold 0.27
+    sparse = tfs.soft_threshold(model, granularity="channel", s_init=-1.0,  # threshold 0.27
+                                channel_groups=False)  # per-layer channels (the chain surgery)
     data = random_like((6, 12))
     dead = np.sqrt(np.mean(a.kernel.numpy() ** 2, axis=0)) <= 1 / (1 + np.e)
     assert dead.sum() == 6
@@ -103,3 +104,112 @@ def test_hard_group_threshold_keeps_survivors_whole():
         tfs.layers.SoftThreshold(L.Dense(2), shrink=False)
     layer = tfs.layers.SoftThreshold(L.Dense(2), shrink=False, learn_threshold=False, granularity="block")
     assert layer.get_config()["shrink"] is False
+
+
+# ------------------------------------------------- channel-STR over channel dependency groups
+def _residual_toy():
+    from test_groups import _toy
+
+    model = _toy()
+    for layer in model.layers:  # non-trivial BN statistics: removed channels are not all alike
+        if isinstance(layer, L.BatchNormalization):
+            layer.set_weights([random_like(w.shape, i) ** 2 * 0.5 + 0.5 for i, w in enumerate(layer.get_weights())])
+    return model
+
+
+def _kill(sparse, fraction):
+    """Steer the common offset so that about `fraction` of the entries are zero."""
+    from tf_sparsity import steering
+
+    found = steering.steerables(sparse)
+    offset, _ = steering.solve_threshold_offset(found, fraction)
+    for w in found:
+        w.threshold_offset.assign(offset)
+
+
+def _check_stripped(sparse, x, dense_flops):
+    plain = tfs.strip(sparse)
+    assert type(plain) is not tfs.surgery.ChannelGroupModel
+    want = np.asarray(sparse(x, training=False))
+    assert np.std(want) > 0  # outputs still depend on the input
+    np.testing.assert_allclose(np.asarray(plain(x, training=False)), want, atol=1e-5)
+    flops = tfs.summary(plain, print_fn=None).flops
+    assert flops < dense_flops
+    return plain
+
+
+def test_channel_groups_vanish_together_and_strip_exactly():
+    model = _residual_toy()
+    # Residual channels 1 and 5 tiny in every kernel slice they touch (producers stem and
+    # project, consumers expand, side and fc): only their joint RMS is under the threshold.
+    tiny = np.isin(np.arange(8), [1, 5])
+    for name, axis in (("stem", -1), ("project", -1), ("expand", -2), ("side", -2)):
+        kernel = model.get_layer(name).kernel
+        scale = np.where(tiny, 1e-4, 1.0).reshape([-1 if a == axis % 4 else 1 for a in range(4)])
+        kernel.assign(kernel.numpy() * scale)
+    fc = model.get_layer("fc").kernel
+    fc.assign(fc.numpy() * np.where(np.tile(np.r_[tiny, np.zeros(6, bool)], 16), 1e-4, 1.0)[:, None])
+    sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False)  # threshold 0.0067
+    assert isinstance(sparse, tfs.surgery.ChannelGroupModel)
+    # The residual stream: stem's and project's filters, and every consumer's input rows
+    # (expand, side, and fc per position after the Flatten), are zero for the same channels.
+    effective = {w.layer.name: np.asarray(w.effective_kernels()[0]) for w in tfs.surgery.wrappers(sparse)}
+    dead = np.all(effective["stem"].reshape(-1, 8) == 0, axis=0)
+    np.testing.assert_array_equal(dead, tiny)
+    np.testing.assert_array_equal(np.all(effective["project"].reshape(-1, 8) == 0, axis=0), dead)
+    for consumer in ("expand", "side"):
+        np.testing.assert_array_equal(np.all(effective[consumer][0, 0] == 0, axis=1), dead)
+    fc_rows = np.all(effective["fc"] == 0, axis=1).reshape(16, 14)  # 4x4 positions x (8 + 6) channels
+    assert np.all(fc_rows[:, :8] == dead)
+    x = random_like((4, 8, 8, 3))
+    plain = _check_stripped(sparse, x, tfs.summary(model, print_fn=None).flops)
+    assert plain.get_layer("stem").filters == plain.get_layer("project").filters == 8 - dead.sum()
+
+
+@pytest.mark.slow
+def test_channel_groups_train_with_fit():
+    model = _residual_toy()
+    sparse = compile_sgd(tfs.soft_threshold(model, granularity="channel", s_init=-3.0, weight_decay=1e-3))
+    x, y = random_like((32, 8, 8, 3)), np.arange(32) % 5
+    before = [np.array(w) for w in sparse.trainable_weights]
+    sparse.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[tfs.callbacks.TargetSparsity(0.3)])
+    after = sparse.trainable_weights
+    assert all(np.all(np.isfinite(w)) for w in after)
+    moved = {v.path for v, b in zip(after, before) if not np.array_equal(np.asarray(v), b)}
+    assert any("threshold_logit" in p for p in moved) and any("kernel" in p for p in moved)
+    _check_stripped(sparse, x[:4], tfs.summary(model, print_fn=None).flops)
+
+
+def test_channel_groups_round_trip(tmp_path):
+    model = _residual_toy()
+    sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False)
+    x = random_like((4, 8, 8, 3))
+    _kill(sparse, 0.3)
+    path = tmp_path / "grouped.keras"
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, tfs.surgery.ChannelGroupModel)
+    assert loaded.channel_coupling.num_units == sparse.channel_coupling.num_units
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(sparse(x, training=False)))
+    _check_stripped(loaded, x, tfs.summary(model, print_fn=None).flops)
+
+
+def test_channel_groups_bad_input():
+    with pytest.raises(TypeError, match="`channel_groups` must be True or False"):
+        tfs.soft_threshold(keras.Sequential([keras.Input((4,)), L.Dense(2)]), granularity="channel",
+                           channel_groups="yes")
+    with pytest.raises(ValueError, match="no channel group of `model` can be thresholded"):
+        tfs.soft_threshold(keras.Sequential([keras.Input((4,)), L.Dense(2)]), granularity="channel")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["MobileNetV2", "ResNet50"])
+def test_channel_groups_on_keras_applications_strip_exactly(name):
+    model = getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=10,
+                                              classifier_activation=None)
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            layer.set_weights([random_like(w.shape, 1) ** 2 * 0.5 + 0.5 for w in layer.get_weights()])
+    sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False)
+    _kill(sparse, 0.2)
+    _check_stripped(sparse, random_like((2, 32, 32, 3)), tfs.summary(model, print_fn=None).flops)

@@ -101,9 +101,7 @@ def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1),
     [[2.15, 0.0], [2.87, 0.0]]
     """
     def scale(rms):
-        if shrink:
-            return ops.relu(1.0 - threshold / ops.maximum(rms, 1e-12))
-        return ops.cast(rms > threshold, x.dtype)
+        return ops.cast(shrink_factor(rms, threshold, shrink), x.dtype)
 
     if granularity == "weight":
         return soft_threshold(x, threshold) if shrink else x * scale(ops.abs(x))
@@ -116,6 +114,50 @@ def group_soft_threshold(x, threshold, granularity="weight", block_shape=(4, 1),
     shrunk = blocks * scale(rms)
     padded_shape = tuple(x.shape[:-2]) + (blocks.shape[-4] * blocks.shape[-3], blocks.shape[-2] * blocks.shape[-1])
     return ops.reshape(shrunk, padded_shape)[..., :n_in, :n_out]
+
+
+def shrink_factor(magnitude, threshold, shrink=True):
+    """The group soft threshold's factor on a group of RMS `magnitude`.
+
+    `relu(1 - threshold / magnitude)` (STR's shrinkage: exactly 0 when the
+    group's RMS is at most `threshold`), or with `shrink=False` the hard
+    `magnitude > threshold`. `group_soft_threshold` and the channel groups
+    of `tfs.surgery.ChannelGroupModel` both multiply by it.
+
+    >>> [round(float(v), 2) for v in keras.ops.convert_to_numpy(shrink_factor(keras.ops.array([0.5, 2.0]), 1.0))]
+    [0.0, 0.5]
+    """
+    if shrink:
+        return ops.relu(1.0 - threshold / ops.maximum(magnitude, 1e-12))
+    return ops.cast(magnitude > threshold, "float32")
+
+
+def segment_rms(parts, counts):
+    """RMS of each channel group over slices of several kernels.
+
+    Args:
+        parts: `[(kernel, axis, ids)]`: slice `i` of `kernel` along `axis`
+            belongs to group `ids[i]` (an integer in `[0, len(counts)]`;
+            `len(counts)` means "no group").
+        counts: entries per group (a NumPy vector), what the sum of squares
+            is divided by: the group's RMS, so one threshold treats small
+            and large groups alike (group lasso's sqrt(|G|) weighting).
+
+    >>> k = keras.ops.array([[3.0, 0.0], [4.0, 0.0]])
+    >>> rms = segment_rms([(k, 1, np.array([0, 1])), (k, 0, np.array([1, 2]))], np.array([2.0, 4.0]))
+    >>> [round(float(v), 3) for v in keras.ops.convert_to_numpy(rms)]
+    [3.536, 1.5]
+    """
+    n = len(counts)
+    total = ops.zeros((n,), "float32")
+    for kernel, axis, ids in parts:
+        x = ops.cast(kernel, "float32")
+        axis = axis % len(x.shape)
+        squares = ops.sum(ops.square(x), axis=tuple(a for a in range(len(x.shape)) if a != axis))
+        total = total + ops.segment_sum(squares, ops.convert_to_tensor(np.asarray(ids, "int32")),
+                                        num_segments=n + 1)[:n]
+    # max(): an all-zero group has RMS ~0 and no NaN gradient from sqrt.
+    return ops.sqrt(ops.maximum(total / ops.convert_to_tensor(np.asarray(counts, "float32")), 1e-30))
 
 
 def topk_mask(scores, k, method="histogram"):

@@ -56,6 +56,10 @@ class SoftThreshold(KernelWrapper):
             is LiteRT's 1x4 sparse FULLY_CONNECTED block, use (16, 1) for
             int8) or "channel" (one group per output unit/filter; `strip`
             then removes zeroed channels). Groups shrink by their L2 norm.
+            Inside a `tfs.surgery.ChannelGroupModel` (what
+            `tfs.soft_threshold(..., granularity="channel")` returns) a
+            "channel" wrapper thresholds whole channel dependency groups
+            across layers instead (`tfs.surgery.coupling`).
         block_shape: block size for "block" granularity.
         shrink: True (STR) shrinks surviving groups by the threshold; False
             keeps them whole (hard mask; needs `learn_threshold=False`).
@@ -106,6 +110,9 @@ class SoftThreshold(KernelWrapper):
         self.learn_threshold = bool(learn_threshold)
         self.threshold_decay = None if threshold_decay is None else float(threshold_decay)
         self.threshold_lr_scale = float(threshold_lr_scale)
+        # Set by `tfs.surgery.couple_channels` (model level, rebuilt on load):
+        # "channel" granularity then thresholds channel dependency groups.
+        self.coupling = None
 
     @property
     def s_decay(self):
@@ -166,6 +173,8 @@ class SoftThreshold(KernelWrapper):
 
     def threshold_magnitudes(self):
         """(group magnitudes compared with the threshold, kernel entries per group), NumPy."""
+        if self.coupling is not None:
+            return self.coupling.magnitudes(self)
         magnitudes, sizes = [], []
         for kernel in self.kernels:
             m = ops.convert_to_numpy(sparse_ops.group_magnitudes(
@@ -175,6 +184,8 @@ class SoftThreshold(KernelWrapper):
         return np.concatenate(magnitudes), np.concatenate(sizes)
 
     def effective_kernels(self):
+        if self.coupling is not None:
+            return self.coupling.effective_kernels(self)
         threshold = self.threshold()
         return [
             sparse_ops.group_soft_threshold(ops.cast(kernel, "float32"), threshold,

@@ -2,12 +2,13 @@
 
 
 from tf_sparsity import surgery
+from tf_sparsity.surgery.coupling import model_structure
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
                    learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
-                   threshold_decay=None, threshold_lr_scale=1.0):
+                   threshold_decay=None, threshold_lr_scale=1.0, channel_groups=True):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -29,7 +30,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             STR); False keeps it fixed (see `SoftThreshold`).
         granularity: "weight" (the paper), "block" (`block_shape` blocks of
             the kernel's (in, out) axes: (4, 1) = LiteRT's fast 1x4 float FC
-            blocks, (16, 1) for int8) or "channel" (whole output units;
+            blocks, (16, 1) for int8) or "channel" (whole channels;
             `tfs.strip` then returns a physically smaller model).
         block_shape: see `granularity`.
         shrink: False keeps surviving groups unshrunk (hard mask, for use
@@ -38,6 +39,14 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             `--st-decay`); None = `weight_decay`.
         threshold_lr_scale: gradient scale on each `s` (an `s` learning-rate
             scale under SGD; no effect under Adam). See `SoftThreshold`.
+        channel_groups: with `granularity="channel"`, threshold channel
+            dependency groups (`tfs.surgery.channel_groups`: channels tied
+            by residual adds, depthwise convs, concats, squeeze-excite) as
+            one unit each -- their RMS over every kernel slice they touch,
+            consumers' input rows included -- and return a
+            `tfs.surgery.ChannelGroupModel`; `tfs.strip` removes the dead
+            groups exactly. False: each layer's output channels alone (the
+            old behaviour; removed only along simple chains).
 
     Example:
 
@@ -48,7 +57,9 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
     >>> [type(l).__name__ for l in sparse.layers]
     ['SoftThreshold', 'Dense']
     """
-    return surgery.wrap_prunable(
+    if not isinstance(channel_groups, bool):
+        raise TypeError(f"`channel_groups` must be True or False; received {channel_groups!r}.")
+    wrapped = surgery.wrap_prunable(
         model,
         lambda layer: SoftThreshold(
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
@@ -57,3 +68,14 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
         ),
         skip=skip,
     )
+    if granularity != "channel" or not channel_groups:
+        return wrapped
+    grouped = surgery.ChannelGroupModel(*model_structure(wrapped), name=wrapped.name)
+    if not grouped.channel_coupling or not grouped.channel_coupling.num_units:
+        groups = grouped.channel_coupling.groups if grouped.channel_coupling else None
+        raise ValueError(
+            "`granularity='channel'`: no channel group of `model` can be thresholded (every group "
+            "is frozen or touches a layer in `skip`); frozen: "
+            f"{(groups.frozen or {n: g.frozen for n, g in groups.groups.items()}) if groups else 'all'}. "
+            "Use `channel_groups=False` for per-layer channel thresholds.")
+    return grouped

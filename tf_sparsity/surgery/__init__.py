@@ -1,5 +1,6 @@
 """Model surgery: rebuild graphs (`graph`), remove channels (`channels` for chains,
-`groups` + `group_surgery` for channel dependency groups), strip (`strip`)."""
+`groups` + `group_surgery` for channel dependency groups, `coupling` for
+channel-STR over those groups), strip (`strip`)."""
 
 from tf_sparsity.layer_copy import clone_layer, fresh_layer
 from tf_sparsity.surgery.channels import (
@@ -18,12 +19,15 @@ from tf_sparsity.surgery.graph import (
     wrap_prunable,
     wrappers,
 )
-from tf_sparsity.surgery.group_surgery import group_macs, keep_for_budget, prune_groups, uniform_keep
+from tf_sparsity.surgery.group_surgery import (
+    dead_units, group_macs, keep_for_budget, prune_dead_units, prune_groups, uniform_keep)
 from tf_sparsity.surgery.groups import ChannelGroup, ChannelGroups, channel_groups
+from tf_sparsity.surgery.coupling import ChannelCoupling, ChannelGroupModel, couple_channels
 from tf_sparsity.surgery.strip import strip
 
 __all__ = [
-    "CHANNEL_PRUNABLE", "ChannelChain", "ChannelGroup", "ChannelGroups", "channel_chains",
+    "CHANNEL_PRUNABLE", "ChannelChain", "ChannelCoupling", "ChannelGroup", "ChannelGroupModel",
+    "ChannelGroups", "channel_chains", "couple_channels", "dead_units", "prune_dead_units",
     "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
     "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",
     "resolve_skip", "strip", "transfer_weights", "wrap_prunable", "wrappers",

@@ -4,7 +4,8 @@
 layer they touch; `group_macs` counts the MACs a choice of units leaves,
 without building anything (what budget searches call); `uniform_keep` and
 `keep_for_budget` turn a `width` / `flops` budget and per-unit scores into
-a choice of units.
+a choice of units; `dead_units` / `prune_dead_units` find and remove the units
+no consumer reads (what `tfs.strip` does after channel-STR).
 """
 
 import numpy as np
@@ -14,7 +15,7 @@ from tf_sparsity.summarize import summary
 from tf_sparsity.surgery.graph import map_layers
 from tf_sparsity.surgery.groups import channel_groups
 
-__all__ = ["group_macs", "keep_for_budget", "prune_groups", "uniform_keep"]
+__all__ = ["dead_units", "group_macs", "keep_for_budget", "prune_dead_units", "prune_groups", "uniform_keep"]
 
 
 def _check_keep(groups, keep):
@@ -232,3 +233,44 @@ def _fill(groups, keep, scores, flops, dense, rounds=3):
         if not added:
             break
     return keep
+
+
+def dead_units(groups):
+    """`{group name: kept unit indices}` dropping every unit no consumer reads.
+
+    A unit is dead when every input row it feeds (in every Dense / Conv
+    consumer, per position after a `Flatten`) is exactly zero: nothing
+    downstream depends on it, so `prune_groups` removes it without changing
+    any output. Each group keeps at least one unit (a layer cannot have zero
+    channels). Groups with nothing dead are left out.
+
+    Example:
+
+    >>> import keras, numpy as np, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="h"), keras.layers.Dense(2)])
+    >>> _ = m.layers[1].kernel.assign(np.array([[1.0, 1.0], [0.0, 0.0], [1.0, 1.0]], "float32"))
+    >>> {n: [int(i) for i in k] for n, k in tfs.surgery.dead_units(tfs.surgery.channel_groups(m)).items()}
+    {'h': [0, 2]}
+    """
+    read = set()
+    for layer, kind, inp, _ in groups.layers.values():
+        if kind != "producer":
+            continue
+        kernel = np.asarray(layer.get_weights()[0])
+        rows = np.any(np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1) != 0, axis=1)
+        read.update(int(r) for r in groups.root(inp)[rows])
+    keep = {}
+    for name, group in groups.prunable().items():
+        alive = np.array([k for k, r in enumerate(group.units) if int(r) in read], np.int64)
+        if len(alive) < group.size:
+            keep[name] = alive if len(alive) else np.array([0])
+    return keep
+
+
+def prune_dead_units(model):
+    """`prune_groups(model, dead_units(channel_groups(model)))`: the smaller model with
+    every unit no consumer reads removed; outputs unchanged. What `tfs.strip` does
+    after channel-STR over channel groups."""
+    groups = channel_groups(model)
+    keep = dead_units(groups)
+    return prune_groups(model, keep, groups) if keep else model

@@ -20,7 +20,8 @@ group: one residual stream, one expansion, one plain conv). Units are
 operation the analysis does not know (its name and the reason are in
 `ChannelGroups.frozen`). Layers inside nested models are grouped like the
 others, but a nested model's own inputs keep their channels (its `Input`
-shape is fixed when the model is cloned).
+shape is fixed when the model is cloned). tf_sparsity wrappers are analysed
+as the layer they wrap (`ChannelGroups.layers` then holds the inner layer).
 
 The surgery itself (`prune_groups`) and the MACs count live in `group_surgery`.
 """
@@ -31,6 +32,7 @@ import keras
 import numpy as np
 
 from tf_sparsity import _compat
+from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 from tf_sparsity.surgery.graph import check_model
 
 __all__ = ["ChannelGroup", "ChannelGroups", "channel_groups"]
@@ -239,6 +241,8 @@ class _Analysis:
 
     def layer(self, op, inputs, outputs, in_atoms):
         """Propagate atoms through one leaf layer call; a string is why it is frozen."""
+        if isinstance(op, KernelWrapper):  # a wrapper's channels are its layer's (channel-STR)
+            op = op.layer
         out = outputs[0] if len(outputs) == 1 else None
         x = in_atoms[0] if in_atoms else None
         if getattr(op, "data_format", "channels_last") == "channels_first":

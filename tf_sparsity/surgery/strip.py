@@ -7,6 +7,8 @@ from tf_sparsity.layers.low_rank import stripped_rnn
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 from tf_sparsity.protocols import StrippableCell, StrippableLayer
 from tf_sparsity.surgery.channels import remove_zero_channels
+from tf_sparsity.surgery.coupling import ChannelGroupModel, model_structure
+from tf_sparsity.surgery.group_surgery import prune_dead_units
 from tf_sparsity.surgery.graph import map_layers, transfer_weights, wrappers
 
 
@@ -15,8 +17,11 @@ def strip(model):
 
     Each wrapper becomes a layer of the original class whose kernels hold the
     effective (thresholded / masked) values, so pruned weights are exact
-    zeros and outputs equal the wrapped model's. Accepts a single wrapper
-    layer too.
+    zeros and outputs equal the wrapped model's. Channel-STR models shrink
+    physically: over channel groups (`tfs.surgery.ChannelGroupModel`) every
+    unit no consumer reads any more is removed with `prune_groups`, exactly;
+    per-layer channel wrappers lose their zero channels along simple chains.
+    Accepts a single wrapper layer too.
 
     Example:
 
@@ -28,8 +33,9 @@ def strip(model):
     """
     if isinstance(model, StrippableLayer) and not isinstance(model, keras.Model):
         return model.stripped_layer()
-    shrink = [w.layer.name for w in wrappers(model)
-              if isinstance(w, SoftThreshold) and w.granularity == "channel"]
+    channel = [w for w in wrappers(model) if isinstance(w, SoftThreshold) and w.granularity == "channel"]
+    grouped = any(w.coupling is not None for w in channel)
+    shrink = [w.layer.name for w in channel if w.coupling is None]
     baked = set()
 
     def replace(layer):
@@ -50,4 +56,8 @@ def strip(model):
             transfer_weights(old, new)
 
     plain = map_layers(model, replace, transfer=transfer)
+    if isinstance(plain, ChannelGroupModel):  # clone_model keeps the class: hand back a plain model
+        plain = keras.Model(*model_structure(plain), name=plain.name)
+    if grouped:  # channel-STR over channel groups: remove the dead units, exactly
+        plain = prune_dead_units(plain)
     return remove_zero_channels(plain, shrink) if shrink else plain

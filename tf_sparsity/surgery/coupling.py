@@ -1,0 +1,228 @@
+"""Channel-STR over channel dependency groups: one joint magnitude per group.
+
+`tfs.soft_threshold(model, granularity="channel")` returns a
+`ChannelGroupModel`: a functional model that, whenever it is built (by
+`tfs.soft_threshold`, `keras.models.load_model` or `clone_model`), runs
+`channel_groups` once and hands every channel-STR wrapper a
+`ChannelCoupling`. Unit `u` of a group is channel `u` of every tensor it
+appears in; its slices are the producer kernels' output columns, the
+depthwise filters and every consumer kernel's input rows (per position after
+a `Flatten`). Its magnitude is the RMS over all those slices together, its
+threshold the size-weighted mean of the thresholds of the wrappers holding
+them (`sum_l n_lu * g(s_l + offset_l) / sum_l n_lu`, `n_lu` = entries of
+layer `l` in unit `u`), and every slice is multiplied by the same
+`ops.shrink_factor` -- so a unit tied by a residual add, a depthwise conv,
+a concat or a squeeze-excite multiply shrinks and vanishes as one, and its
+consumers' input rows are exact zeros when it does. `tfs.strip` then removes
+it with `prune_groups` (exactly: nothing downstream reads it).
+
+Why one threshold per layer (the existing `s` of each wrapper) rather than
+a new one per group: the thresholds stay where `TargetSparsity`, the decay
+steering and collapse reports look for them, `.keras` files keep their
+variables, and with `learn_threshold=False` (the STR recipe) every group
+meets the same steered level. An entry in two groups (input row of one unit,
+output column of another) is multiplied by both factors.
+
+Only units whose every slice sits in a channel-STR wrapper are thresholded:
+a unit also read by a dense layer (`skip=`) or frozen by the analysis
+(model input / output, unknown operations) is left alone, since it could not
+be removed anyway.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from tf_sparsity import ops as sparse_ops
+from tf_sparsity.layers.soft_threshold import SoftThreshold
+from tf_sparsity.surgery.graph import wrappers
+from tf_sparsity.surgery.groups import channel_groups
+
+__all__ = ["ChannelCoupling", "ChannelGroupModel", "couple_channels", "model_structure"]
+
+
+class _Plan:
+    """What one wrapper needs each step: the slices of its units in every member
+    kernel (`parts`), entries per unit, threshold weights, and its own ids."""
+
+    def __init__(self, units, parts, counts, weights, own):
+        self.units, self.parts, self.counts, self.weights, self.own = units, parts, counts, weights, own
+
+
+class ChannelCoupling:
+    """The channel groups of a model's channel-STR wrappers, as unit ids per kernel axis.
+
+    Built by `couple_channels`; each coupled `SoftThreshold` holds it and
+    asks it for its effective kernels and steering magnitudes.
+
+    Attributes:
+        ids: `{wrapper: [(input-axis ids, output-axis ids) per kernel]}`,
+            global unit ids, -1 where a slice is left alone.
+        num_units: how many units are thresholded.
+        groups: the `ChannelGroups` analysis it came from.
+    """
+
+    def __init__(self, ids, num_units, groups):
+        self.ids, self.num_units, self.groups = ids, num_units, groups
+        self._plans = {}
+
+    def _plan(self, wrapper):
+        if id(wrapper) in self._plans:
+            return self._plans[id(wrapper)]
+        mine = [a[a >= 0] for pair in self.ids[wrapper] for a in pair]
+        units = np.unique(np.concatenate(mine)) if mine else np.zeros(0, np.int64)
+        n = len(units)
+        plan = None
+        if n:
+            def local(a):
+                pos = np.clip(np.searchsorted(units, a), 0, n - 1)
+                return np.where((a >= 0) & (units[pos] == a), pos, n).astype("int32")
+
+            parts, counts, weights = [], np.zeros(n + 1), {}
+            for other, pairs in self.ids.items():
+                for k, (kernel, pair) in enumerate(zip(other.kernels, pairs)):
+                    for axis, a in zip((-2, -1), pair):
+                        ids = local(a)
+                        if not (ids < n).any():
+                            continue
+                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
+                        entries = np.bincount(ids, minlength=n + 1) * per_slice
+                        parts.append((other, k, axis, ids))
+                        counts += entries
+                        weights[other] = weights.get(other, 0.0) + entries[:n]
+            counts = counts[:n]
+            weights = [(other, w / counts) for other, w in weights.items()]
+            own = [(local(i), local(o)) for i, o in self.ids[wrapper]]
+            plan = _Plan(units, parts, counts, weights, own)
+        self._plans[id(wrapper)] = plan
+        return plan
+
+    def _factors(self, wrapper, plan):
+        rms = sparse_ops.segment_rms([(other.kernels[k], axis, ids) for other, k, axis, ids in plan.parts],
+                                     plan.counts)
+        threshold = 0.0
+        for other, w in plan.weights:
+            threshold = threshold + ops.convert_to_tensor(w.astype("float32")) * other.threshold()
+        factor = sparse_ops.shrink_factor(rms, threshold, wrapper.shrink)
+        return ops.concatenate([factor, ops.ones((1,), "float32")]), rms
+
+    def effective_kernels(self, wrapper):
+        """`wrapper`'s kernels with every thresholded row / column scaled by its unit's factor."""
+        plan = self._plan(wrapper)
+        kernels = [ops.cast(k, "float32") for k in wrapper.kernels]
+        if plan is None:
+            return kernels
+        factor, _ = self._factors(wrapper, plan)
+        out = []
+        for kernel, (rows, cols) in zip(kernels, plan.own):
+            kernel = kernel * ops.reshape(ops.take(factor, rows), (-1, 1))
+            out.append(kernel * ops.take(factor, cols))
+        return out
+
+    def magnitudes(self, wrapper):
+        """(RMS of each unit `wrapper` touches, its own entries zeroed with it), NumPy.
+
+        A kernel thresholded on both axes counts each entry half on each, so
+        the sizes add up to the kernel's size (an entry in two dead units is
+        then counted once per unit: steering errs slightly towards zeros).
+        """
+        plan = self._plan(wrapper)
+        if plan is None:
+            return np.zeros(0, "float32"), np.zeros(0)
+        _, rms = self._factors(wrapper, plan)
+        sizes = np.zeros(len(plan.units) + 1)
+        for kernel, (rows, cols) in zip(wrapper.kernels, plan.own):
+            axes = [(a, ids) for a, ids in ((-2, rows), (-1, cols)) if (ids < len(plan.units)).any()]
+            for axis, ids in axes:
+                sizes += np.bincount(ids, minlength=len(sizes)) * (
+                    int(np.prod(kernel.shape)) / kernel.shape[axis] / len(axes))
+        return ops.convert_to_numpy(rms), sizes[:-1]
+
+
+def couple_channels(model):
+    """Hand every channel-STR wrapper of `model` the channel groups it belongs to.
+
+    Runs `channel_groups(model)` once; returns the `ChannelCoupling` (None
+    when `model` has no channel-granularity `SoftThreshold`). Called by
+    `ChannelGroupModel`; call it yourself only on a model you rebuilt by
+    hand.
+
+    Example:
+
+    >>> import keras, tf_sparsity as tfs
+    >>> x = keras.Input((8,))
+    >>> h = keras.layers.Dense(6, name="h")(x)
+    >>> m = keras.Model(x, keras.layers.Dense(2)(keras.layers.Add()([h, keras.layers.Dense(6, name="r")(h)])))
+    >>> sparse = tfs.soft_threshold(m, granularity="channel")
+    >>> sparse.channel_coupling.num_units  # the Add ties h's and r's 6 outputs (r's inputs too)
+    6
+    """
+    members = {id(w.layer): w for w in wrappers(model)
+               if isinstance(w, SoftThreshold) and w.granularity == "channel"}
+    for w in members.values():
+        w.coupling = None
+    if not members:
+        return None
+    groups = channel_groups(model)
+    prunable = groups.prunable()
+    roots = np.concatenate([g.units for g in prunable.values()]) if prunable else np.zeros(0, np.int64)
+    left_alone = set()  # units read or written by a layer that is not a channel-STR wrapper
+    for layer, kind, inp, out in groups.layers.values():
+        if kind in ("producer", "depthwise") and id(layer) not in members:
+            left_alone.update(int(r) for r in groups.root(inp if kind == "depthwise" else np.concatenate([inp, out])))
+    roots = np.array([r for r in roots if int(r) not in left_alone], np.int64)
+    number = {int(r): i for i, r in enumerate(roots)}
+
+    def unit_ids(atoms):
+        return np.array([number.get(int(r), -1) for r in groups.root(atoms)], np.int64)
+
+    ids = {}
+    for layer, kind, inp, out in groups.layers.values():
+        wrapper = members.get(id(layer))
+        if wrapper is None or kind not in ("producer", "depthwise"):
+            continue
+        kernel = wrapper.kernels[0]
+        cols = unit_ids(out) if kind == "producer" else np.full(kernel.shape[-1], -1, np.int64)
+        ids[wrapper] = [(unit_ids(inp), cols)]
+    coupling = ChannelCoupling(ids, len(roots), groups)
+    for wrapper in ids:
+        wrapper.coupling = coupling
+    return coupling
+
+
+def model_structure(model):
+    """`(inputs, outputs)` of a built functional / Sequential model, single tensors
+    unwrapped (so a new `keras.Model` over them takes the same call structure)."""
+    def one(tensors):
+        return tensors[0] if len(tensors) == 1 else list(tensors)
+
+    return one(model.inputs), one(model.outputs)
+
+
+@keras.saving.register_keras_serializable(package="tf_sparsity")
+class ChannelGroupModel(keras.Model):
+    """A functional model whose channel-STR wrappers threshold channel groups jointly.
+
+    What `tfs.soft_threshold(model, granularity="channel")` returns. It is
+    an ordinary functional model (`fit`, `.keras` files, `clone_model`),
+    except that constructing it -- also when loading -- runs
+    `couple_channels`, so each channel dependency group is compared with
+    its threshold as one unit (see this module's docstring). Its coupling is
+    in `.channel_coupling`.
+
+    Args:
+        inputs: the model's input tensor(s).
+        outputs: its output tensor(s).
+        name: the model's name.
+
+    Example:
+
+    >>> import keras, tf_sparsity as tfs
+    >>> m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    >>> type(tfs.soft_threshold(m, granularity="channel")).__name__
+    'ChannelGroupModel'
+    """
+
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        super().__init__(inputs, outputs, name=name, **kwargs)
+        self.channel_coupling = couple_channels(self)
