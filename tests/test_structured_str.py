@@ -213,3 +213,23 @@ def test_channel_groups_on_keras_applications_strip_exactly(name):
     sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False)
     _kill(sparse, 0.2)
     _check_stripped(sparse, random_like((2, 32, 32, 3)), tfs.summary(model, print_fn=None).flops)
+
+
+def test_steered_hard_mask_threshold_stays_clear_of_every_group():
+    # The solver's bisection ends where a group's RMS equals its threshold; a
+    # hard mask there is decided by rounding (predict vs the eager pass strip
+    # bakes in). The chosen offset must sit inside its plateau.
+    from tf_sparsity import steering
+
+    model = keras.Sequential([keras.Input((16,)), L.Dense(32), L.Dense(8)])
+    sparse = tfs.soft_threshold(model, granularity="channel", channel_groups=False, shrink=False,
+                                learn_threshold=False, s_init=-4.0)
+    found = steering.steerables(sparse)
+    for fraction in (0.3, 0.5, 0.8):
+        offset, _ = steering.solve_threshold_offset(found, fraction)
+        for w in found:
+            w.threshold_offset.assign(offset)
+            magnitudes, _ = w.threshold_magnitudes()
+            gap = np.min(np.abs(magnitudes - w.threshold_value()) / w.threshold_value())
+            assert gap > 1e-4, (fraction, w.name, gap)
+        assert abs(steering.current_sparsity(found) - fraction) < 0.1

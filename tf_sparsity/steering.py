@@ -75,9 +75,38 @@ def solve_threshold_offset(steerables, target_sparsity, bounds=(-100.0, 100.0), 
             else:
                 hi = mid
         best = lo if abs(zeros(lo) - goal) <= abs(zeros(hi) - goal) else hi
+    best = _inside_plateau(zeros, best, bounds, iterations)
     sizes = [cumulative[-1] for _, cumulative, _ in layers]
     collapsed = [w.steering_name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n - 0.5]
     return best, collapsed
+
+
+# How far (in logit units) the chosen offset stays from the edges of its
+# plateau: ~0.1% of the threshold, far above float32 rounding of a group's RMS.
+_EDGE_MARGIN = 1e-3
+
+
+def _inside_plateau(zeros, best, bounds, iterations):
+    # Bisection ends on an edge of the interval of offsets that zero the same
+    # entries, i.e. with some group's magnitude equal to its threshold. A hard
+    # mask (shrink=False) is then decided by rounding: `predict` and an eager
+    # pass (what `strip` bakes in) may disagree on that group. Step inside.
+    count = zeros(best)
+
+    def edge(inside, outside):
+        for _ in range(iterations):
+            mid = 0.5 * (inside + outside)
+            if zeros(mid) == count:
+                inside = mid
+            else:
+                outside = mid
+        return inside
+
+    lo, hi = bounds
+    low = lo if zeros(lo) == count else edge(best, lo)
+    high = hi if zeros(hi) == count else edge(best, hi)
+    margin = min(_EDGE_MARGIN, 0.5 * (high - low))
+    return float(np.clip(best, low + margin, high - margin))
 
 
 def _numpy_threshold_fn(fn):
