@@ -129,7 +129,7 @@ def apps(a):
             for log10 in grid:
                 pruner.reset()
                 iterations = a.sweep_iterations if method == "synflow" else 1
-                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "histogram", 0)
+                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "partition", 0)
                 report = pruner.connectivity()
                 points.append({"log10": log10, "connected": report.connected, "empty": empty,
                                "cuts": report.cuts, "emptied_branches": len(report.emptied_branches)})
