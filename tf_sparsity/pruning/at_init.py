@@ -1,12 +1,14 @@
 """Pruning at initialization: SynFlow (Tanaka et al., NeurIPS 2020), SNIP, GraSP,
 magnitude and random, with fixed masks (`tfs.layers.Masked`)."""
 
+import contextlib
 import math
 
 import keras
 import numpy as np
 import tensorflow as tf  # gradients of scores (incl. GraSP's Hessian-gradient product)
 
+from tf_sparsity import _compat
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable, surgery
 from tf_sparsity.budget import resolve_budget
@@ -332,10 +334,13 @@ class _Pruner:
 
     def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
         bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")
-        for k in range(1, iterations + 1):
-            d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
-            self.step(d, scope, threshold_method)
-            bar.update(k, values=[("density", d)])
+        # The flow network's graph is large and runs only here (its gradient
+        # function is instantiated on the first round).
+        with _compat.without_graph_optimizer() if self.method == "synflow" else contextlib.nullcontext():
+            for k in range(1, iterations + 1):
+                d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
+                self.step(d, scope, threshold_method)
+                bar.update(k, values=[("density", d)])
         return self.collapsed()
 
     def connectivity(self):
