@@ -177,8 +177,9 @@ def apps_critical(a):
                 pruner.scores = lambda fast=False, cached=cached: cached
             total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
             lo, hi = 0.0, float(np.log10(total))
-            points, row = [], {"lo": lo, "hi": hi, "points": points, "rounds": a.sweep_iterations
-                               if method == "synflow" else 1, "done": False}
+            points = []
+            row = {"lo": lo, "hi": hi, "points": points, "rounds": a.sweep_iterations if method == "synflow" else 1,
+                   "done": False}
             rows[name][method] = row
             while hi - lo > a.tolerance:
                 if time.perf_counter() - start > a.budget_seconds:
