@@ -13,6 +13,7 @@ magnitude and random need no data.
 """
 
 import argparse
+import os
 import pathlib
 import time
 
@@ -213,14 +214,18 @@ def apps_timing(a):
     rows = {}
     for name in a.networks:
         model = app_model(name)
-        times = []
+        times, cpu, loads = [], [], []
         for _ in range(a.repeats):
-            start = time.perf_counter()
+            loads.append(os.getloadavg()[0])
+            start, start_cpu = time.perf_counter(), time.process_time()
             tfs.prune_at_init(model, "synflow", compression=a.timing_compression, iterations=100, verbose=0,
                               on_collapse="ignore")
             times.append(time.perf_counter() - start)
-            print(f"{name}: 100 SynFlow rounds incl. wrapping {times[-1]:.1f} s", flush=True)
-        rows[name] = {"seconds": times, "median": float(np.median(times))}
+            cpu.append(time.process_time() - start_cpu)
+            print(f"{name}: 100 SynFlow rounds incl. wrapping {times[-1]:.1f} s wall, {cpu[-1]:.1f} s CPU "
+                  f"(load {loads[-1]:.1f})", flush=True)
+        rows[name] = {"seconds": times, "median": float(np.median(times)), "cpu_seconds": cpu,
+                      "median_cpu": float(np.median(cpu)), "load_1min": loads}
     return rows
 
 
