@@ -5,6 +5,7 @@
     python benchmarks/prune_at_init.py --part accuracy --seeds 3 --epochs 20
     python benchmarks/prune_at_init.py --part apps          # keras.applications + VGG: collapse on a grid, both definitions
     python benchmarks/prune_at_init.py --part apps-timing   # wall time of 100 SynFlow rounds per network
+    python benchmarks/prune_at_init.py --part apps-critical --networks ResNet50  # bisection, 100 rounds
 
 No CIFAR here (no downloads): SNIP and GraSP score on scikit-learn's digits,
 resized to 32x32x3 (real images, 10 of the 100 classes used). SynFlow,
@@ -12,6 +13,7 @@ magnitude and random need no data.
 """
 
 import argparse
+import os
 import pathlib
 import time
 
@@ -129,7 +131,7 @@ def apps(a):
             for log10 in grid:
                 pruner.reset()
                 iterations = a.sweep_iterations if method == "synflow" else 1
-                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "histogram", 0)
+                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "partition", 0)
                 report = pruner.connectivity()
                 points.append({"log10": log10, "connected": report.connected, "empty": empty,
                                "cuts": report.cuts, "emptied_branches": len(report.emptied_branches)})
@@ -150,28 +152,92 @@ def apps(a):
     return rows
 
 
+def apps_critical(a):
+    """Critical compression by bisection on log10 C (connectivity definition; the per-layer one
+    bisected alongside on the same points where it decides), SynFlow at `--sweep-iterations` rounds.
+
+    Stops a network at `--budget-seconds` and reports the bracket [lo, hi] reached; results are
+    written after every bisection step (partial runs keep what they measured).
+    """
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    data = digits_32(a.data_size)
+    rows = {}
+    out = pathlib.Path(a.out) if a.out else HERE / "results" / "prune_at_init_apps_critical.json"
+    for name in a.networks:
+        model = app_model(name)
+        masked = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)
+        loss = LOSS if name == "vgg16_bn" else keras.losses.SparseCategoricalCrossentropy()
+        rows[name] = {}
+        for method in a.methods:
+            start = time.perf_counter()
+            pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
+            pruner.reset()
+            if method != "synflow":  # one-shot: score once, threshold at every point
+                cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
+                pruner.scores = lambda fast=False, cached=cached: cached
+            total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
+            lo, hi = 0.0, float(np.log10(total))
+            points = []
+            row = {"lo": lo, "hi": hi, "points": points, "rounds": a.sweep_iterations if method == "synflow" else 1,
+                   "done": False}
+            rows[name][method] = row
+            while hi - lo > a.tolerance:
+                if time.perf_counter() - start > a.budget_seconds:
+                    break
+                mid = 0.5 * (lo + hi)
+                pruner.reset()
+                t = time.perf_counter()
+                empty = pruner.prune(10.0 ** -mid, row["rounds"], "exponential", "global", "partition", 0)
+                report = pruner.connectivity()
+                points.append({"log10": mid, "connected": report.connected, "empty": empty, "cuts": report.cuts,
+                               "emptied_branches": len(report.emptied_branches),
+                               "seconds": time.perf_counter() - t})
+                lo, hi = (lo, mid) if report.collapsed else (mid, hi)
+                row.update(lo=lo, hi=hi, seconds=time.perf_counter() - start)
+                print(f"{name} {method} 10^{mid:.3f}: connected {report.connected}, {len(empty)} empty "
+                      f"-> bracket [{lo:.3f}, {hi:.3f}] ({time.perf_counter() - t:.0f} s)", flush=True)
+                write_results(out, {"args": vars(a), "result": rows})
+            row["done"] = hi - lo <= a.tolerance
+            # per-layer definition on the measured points: largest point with no empty layer
+            # below the smallest point with one (bisection was driven by connectivity).
+            bad = [p["log10"] for p in points if p["empty"]]
+            row["per_layer_ok_below"] = max([p["log10"] for p in points if not p["empty"]
+                                             and p["log10"] < min(bad, default=99)], default=0.0)
+            row["per_layer_first_empty"] = min(bad, default=None)
+            print(f"{name} {method}: critical log10 in [{lo:.3f}, {hi:.3f}] ({row['seconds'] if points else 0:.0f} s)",
+                  flush=True)
+    return rows
+
+
 def apps_timing(a):
     rows = {}
     for name in a.networks:
         model = app_model(name)
-        times = []
+        times, cpu, loads = [], [], []
         for _ in range(a.repeats):
-            start = time.perf_counter()
+            loads.append(os.getloadavg()[0])
+            start, start_cpu = time.perf_counter(), time.process_time()
             tfs.prune_at_init(model, "synflow", compression=a.timing_compression, iterations=100, verbose=0,
                               on_collapse="ignore")
             times.append(time.perf_counter() - start)
-            print(f"{name}: 100 SynFlow rounds incl. wrapping {times[-1]:.1f} s", flush=True)
-        rows[name] = {"seconds": times, "median": float(np.median(times))}
+            cpu.append(time.process_time() - start_cpu)
+            print(f"{name}: 100 SynFlow rounds incl. wrapping {times[-1]:.1f} s wall, {cpu[-1]:.1f} s CPU "
+                  f"(load {loads[-1]:.1f})", flush=True)
+        rows[name] = {"seconds": times, "median": float(np.median(times)), "cpu_seconds": cpu,
+                      "median_cpu": float(np.median(cpu)), "load_1min": loads}
     return rows
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["collapse", "timing", "accuracy", "apps", "apps-timing"], required=True)
+    p.add_argument("--part", choices=["collapse", "timing", "accuracy", "apps", "apps-timing", "apps-critical"], required=True)
     p.add_argument("--networks", nargs="+", default=list(APPS))
     p.add_argument("--max-log10", type=float, default=4.0, help="apps: grid 10^1 .. 10^max by half-decades")
     p.add_argument("--sweep-iterations", type=int, default=100, help="apps: SynFlow rounds per grid point")
     p.add_argument("--data-size", type=int, default=256, help="apps: digits images SNIP/GraSP score on")
+    p.add_argument("--budget-seconds", type=float, default=float("inf"),
+                   help="apps-critical: stop bisecting a network/method after this long")
     p.add_argument("--timing-compression", type=float, default=100.0)
     p.add_argument("--methods", nargs="+", default=list(tfs.pruning.METHODS))
     p.add_argument("--tolerance", type=float, default=0.05)
@@ -182,7 +248,7 @@ def main():
     p.add_argument("--out", help="result file (default benchmarks/results/prune_at_init_<part>.json)")
     a = p.parse_args()
     result = {"collapse": collapse, "timing": timing, "accuracy": accuracy, "apps": apps,
-              "apps-timing": apps_timing}[a.part](a)
+              "apps-timing": apps_timing, "apps-critical": apps_critical}[a.part](a)
     out = pathlib.Path(a.out) if a.out else HERE / "results" / f"prune_at_init_{a.part.replace('-', '_')}.json"
     out.parent.mkdir(exist_ok=True)
     write_results(out, {"args": vars(a), "result": result})

@@ -252,3 +252,54 @@ def test_nothing_prunable():
     model = keras.Sequential([keras.Input((3,)), L.BatchNormalization()])
     with pytest.raises(ValueError, match="no prunable layer"):
         tfs.prune_at_init(model, "magnitude", compression=10, verbose=0)
+
+
+def test_topk_mask_numpy_is_topk_mask():
+    # Exactly k kept, ties to the earlier flat index, float64 compared as float64.
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(500), 2).astype("float32")  # many ties
+    for k in (0, 1, 7, 250, 499, 500, 600):
+        want = tfs.ops.topk_mask(scores, min(k, 500), method="exact").numpy()
+        np.testing.assert_array_equal(tfs.ops.topk_mask_numpy(scores, k), want)
+    close = np.array([1.0, 1.0 + 1e-12, 1.0], "float64")  # one float32 value, two float64 values
+    assert tfs.ops.topk_mask_numpy(close, 1).tolist() == [False, True, False]
+
+
+def _reference_synflow_masks(model, density, rounds):
+    # The rounds written out plainly: full-size scores of the flow network
+    # (float32, float64 when `needs_float64`), dead weights below every alive
+    # one, a stable sort for the top-k (ties to the earlier flat index).
+    from tf_sparsity.pruning import flow_network
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    net = _Pruner(tfs.surgery.wrap_prunable(model, tfs.layers.Masked), "synflow", None, None, 0)._flow
+    masks = [np.ones(b.shape, "float32") for b in net._bases]
+    n = sum(m.size for m in masks)
+    for k in range(1, rounds + 1):
+        keep = int(round(density ** (k / rounds) * n))
+        scores, info = net.scores(masks, "float32", return_info=True)
+        if flow_network.needs_float64(info, ("global", [keep])):
+            scores = net.scores(masks, "float64")
+        flat = np.concatenate([np.where(m > 0, s, -1).ravel() for s, m in zip(scores, masks)])
+        order = np.argsort(-flat, kind="stable")[:keep]
+        kept = np.zeros(n, "float32")
+        kept[order] = 1
+        masks = [a.reshape(m.shape) for a, m in zip(np.split(kept, np.cumsum([m.size for m in masks])[:-1]), masks)]
+    return masks
+
+
+@pytest.mark.slow
+def test_synflow_rounds_equal_a_plain_reference_loop():
+    # Issue 18's speed-up (NumPy state, compacted scores, introselect) keeps
+    # the masks of the plain loop, with every threshold method.
+    keras.utils.set_random_seed(5)
+    model = bn_cnn()
+    model.get_layer("fc").bias.assign(np.full(32, 0.05, "float32"))
+    want = np.concatenate([m.ravel() for m in _reference_synflow_masks(model, 1 / 200, 12)])
+    for method in ("partition", "histogram", "exact"):
+        sparse = tfs.prune_at_init(model, "synflow", compression=200, iterations=12, verbose=0,
+                                   on_collapse="ignore", threshold_method=method)
+        got = np.concatenate([m.numpy().ravel() for w in tfs.surgery.wrappers(sparse) for m in w.masks])
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="threshold_method"):
+        tfs.prune_at_init(model, "synflow", compression=10, iterations=2, threshold_method="sort", verbose=0)

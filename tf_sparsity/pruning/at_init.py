@@ -1,12 +1,14 @@
 """Pruning at initialization: SynFlow (Tanaka et al., NeurIPS 2020), SNIP, GraSP,
 magnitude and random, with fixed masks (`tfs.layers.Masked`)."""
 
+import contextlib
 import math
 
 import keras
 import numpy as np
 import tensorflow as tf  # gradients of scores (incl. GraSP's Hessian-gradient product)
 
+from tf_sparsity import _compat
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable, surgery
 from tf_sparsity.budget import resolve_budget
@@ -17,11 +19,16 @@ from tf_sparsity.pruning import connectivity, flow_network
 METHODS = ("synflow", "snip", "grasp", "magnitude", "random")
 DATA_METHODS = ("snip", "grasp")
 GRASP_TEMPERATURE = 200.0  # the GraSP reference divides logits by T = 200
+THRESHOLD_METHODS = ("partition", "histogram", "exact")  # the same masks; see `prune_at_init`
 
 
-def _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse):
+def _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse,
+                threshold_method="partition"):
     if method not in METHODS:
         raise ValueError(f"`method` must be one of {list(METHODS)}; received {method!r}.")
+    if threshold_method not in THRESHOLD_METHODS:
+        raise ValueError(f"`threshold_method` must be one of {list(THRESHOLD_METHODS)}; "
+                         f"received {threshold_method!r}.")
     density = resolve_budget(compression, sparsity).density
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ValueError(f"`iterations` must be an integer >= 1; received {iterations!r}.")
@@ -96,7 +103,8 @@ class _Pruner:
         self.method = method
         self.wrappers = surgery.wrappers(masked)
         self.kernels = [k for w in self.wrappers for k in w.kernels]
-        self.masks = [m for w in self.wrappers for m in w.masks]
+        self._mask_vars = [m for w in self.wrappers for m in w.masks]
+        self._rounds = None  # NumPy state of the pruning rounds (`_start`)
         self.owner = [w.layer.name for w in self.wrappers for _ in w.kernels]
         self.kernel_keys = [(w.layer.name, i) for w in self.wrappers for i in range(len(w.kernels))]
         self.data, self.seed = data, seed
@@ -104,6 +112,12 @@ class _Pruner:
         self._rng = np.random.default_rng(seed)
         if method == "synflow":
             self._build_synflow()
+
+    @property
+    def masks(self):
+        """The wrappers' mask variables, brought up to date with the rounds."""
+        self._sync_masks()
+        return self._mask_vars
 
     # -- scores: one array per kernel; larger means keep -------------------
     def scores(self, fast=False):
@@ -228,66 +242,105 @@ class _Pruner:
 
     def _synflow(self, fast=False):
         if self._flow is not None:
-            return flow_network.round_scores(self._flow, self.masks, fast, getattr(self, "_keep", None))
+            return flow_network.round_scores(self._flow, self.masks, fast)
         dtype = "float32" if fast and self.synflow_fast else "float64"
         _, scores = self._synflow_fn(dtype)(list(self.masks))
         return scores
 
     # -- the pruning loop ---------------------------------------------------
+    # The rounds keep their state in NumPy: per kernel a flat 0/1 mask, the
+    # sorted flat indices of its alive entries and (SynFlow's flow network)
+    # the float32 kernel |theta| * mask, each updated in place at the pruned
+    # entries only. Only alive entries compete (masks only shrink), compacted
+    # in flat order, so position tie-breaks are those of a top-k over the
+    # whole mask; after the first rounds of an exponential schedule they are
+    # a few percent of the weights. The mask variables are written when
+    # read (`masks`), not every round.
     def reset(self):
-        for m in self.masks:
+        for m in self._mask_vars:
             m.assign(tf.ones_like(m))
-        self._alive = None
+        self._rounds = None
 
-    def _update_masks(self, scores, alive, keep, scope, threshold_method):
-        # Only alive entries compete (masks only shrink), compacted by their
-        # flat indices: after the first rounds of an exponential schedule the
-        # threshold touches a few percent of the weights, not all of them.
-        # Compaction keeps the flat order, so position tie-breaks are unchanged.
-        compact = [tf.gather(tf.reshape(s, [-1]), idx) for s, idx in zip(scores, alive)]
+    def _start(self):
+        flat = [m.numpy().reshape(-1).astype(np.float32) for m in self._mask_vars]
+        state = {"masks": flat, "alive": [np.flatnonzero(f > 0) for f in flat], "dirty": set(), "ws": None}
+        if self.method == "synflow" and self._flow is not None:
+            shapes = [tuple(m.shape) for m in self._mask_vars]
+            state["ws"] = [w.reshape(-1) for w in self._flow.weights([f.reshape(s) for f, s in zip(flat, shapes)])]
+        self._rounds = state
+
+    def _sync_masks(self):
+        if self._rounds is None:
+            return
+        for i in sorted(self._rounds["dirty"]):
+            var = self._mask_vars[i]
+            var.assign(self._rounds["masks"][i].reshape(var.shape))
+        self._rounds["dirty"].clear()
+
+    def _mask_arrays(self):
+        if self._rounds is None:
+            return [m.numpy() for m in self._mask_vars]
+        return [f.reshape(v.shape) for f, v in zip(self._rounds["masks"], self._mask_vars)]
+
+    def _alive_scores(self, keep):
+        state = self._rounds
+        if state["ws"] is not None:
+            shaped = [w.reshape(v.shape) for w, v in zip(state["ws"], self._mask_vars)]
+            return flow_network.alive_scores(self._flow, shaped, self._mask_arrays(), state["alive"], keep)
+        self._sync_masks()  # SNIP / GraSP run the masked model itself
+        compact = []
+        for s, idx in zip(self.scores(fast=True), state["alive"]):
+            s = np.asarray(s).reshape(-1)
+            compact.append(s if idx.size == s.size else s[idx])
+        return compact
+
+    @staticmethod
+    def _select(compact, keep, scope, threshold_method):
+        """Boolean keep-masks over the compacted scores (exactly `keep` entries)."""
+        if threshold_method == "partition":
+            if scope != "global":
+                return [sparse_ops.topk_mask_numpy(c, k) for c, k in zip(compact, keep)]
+            kept = sparse_ops.topk_mask_numpy(np.concatenate(compact), keep[0])
+            return np.split(kept, np.cumsum([c.size for c in compact])[:-1])
+        tensors = [tf.constant(c) for c in compact]
         if scope == "global":
-            kept = sparse_ops.global_topk_masks(compact, keep[0], method=threshold_method)
+            kept = sparse_ops.global_topk_masks(tensors, keep[0], method=threshold_method)
         else:
-            kept = [sparse_ops.topk_mask(c, tf.minimum(k, tf.size(c)), method=threshold_method)
-                    for c, k in zip(compact, keep)]
-        new_alive = [tf.boolean_mask(idx, m) for idx, m in zip(alive, kept)]
-        for var, idx in zip(self.masks, new_alive):
-            ones = tf.ones_like(idx, tf.float32)
-            var.assign(tf.reshape(tf.scatter_nd(idx[:, None], ones, [int(np.prod(var.shape))]), var.shape))
-        return new_alive
+            kept = [sparse_ops.topk_mask(c, min(k, int(c.shape[0])), method=threshold_method)
+                    for c, k in zip(tensors, keep)]
+        return [np.asarray(m) for m in kept]
 
-    def step(self, density, scope="global", threshold_method="histogram"):
+    def step(self, density, scope="global", threshold_method="partition"):
         """One round: score, then keep `density` of the weights (masks only shrink)."""
-        if getattr(self, "_alive", None) is None:
-            self._alive = [tf.cast(tf.where(tf.reshape(m, [-1]) > 0)[:, 0], tf.int32) for m in self.masks]
-        sizes = [int(np.prod(k.shape)) for k in self.kernels]
+        if threshold_method not in THRESHOLD_METHODS:
+            raise ValueError(f"`threshold_method` must be one of {list(THRESHOLD_METHODS)}; "
+                             f"received {threshold_method!r}.")
+        if self._rounds is None:
+            self._start()
+        state = self._rounds
+        sizes = [f.size for f in state["masks"]]
         keep = [int(round(density * sum(sizes)))] if scope == "global" else [int(round(density * n)) for n in sizes]
-        self._keep = (scope, keep)  # lets SynFlow's float32 rounds decide when float64 is needed
-        scores = [tf.convert_to_tensor(s) for s in self.scores(fast=True)]
-        self._keep = None
-        update = self._update_function(scores, scope, threshold_method)
-        self._alive = update(scores, self._alive, [tf.constant(n) for n in keep])
-
-    def _update_function(self, scores, scope, threshold_method):
-        # One trace per (score dtype, scope, method): the alive index lists
-        # shrink every round, so their shapes are left unknown up front
-        # (shape-relaxing retraces cost seconds per round on ResNet50).
-        key = (scores[0].dtype, scope, threshold_method)
-        fns = self.__dict__.setdefault("_update_fns", {})
-        if key not in fns:
-            signature = ([tf.TensorSpec(s.shape, s.dtype) for s in scores],
-                         [tf.TensorSpec([None], tf.int32) for _ in scores],
-                         [tf.TensorSpec([], tf.int32) for _ in (scores if scope != "global" else [0])])
-            fns[key] = tf.function(lambda s, a, k: self._update_masks(s, a, k, scope, threshold_method),
-                                   input_signature=signature)
-        return fns[key]
+        compact = self._alive_scores((scope, keep))  # SynFlow's float32 rounds decide when float64 is needed
+        for i, kept in enumerate(self._select(compact, keep, scope, threshold_method)):
+            if kept.all():
+                continue
+            idx = state["alive"][i]
+            dropped = idx[~kept]
+            state["masks"][i][dropped] = 0.0
+            if state["ws"] is not None:
+                state["ws"][i][dropped] = 0.0
+            state["alive"][i] = idx[kept]
+            state["dirty"].add(i)
 
     def prune(self, density, iterations, schedule, scope, threshold_method, verbose):
         bar = keras.utils.Progbar(iterations, verbose=verbose, unit_name="round")
-        for k in range(1, iterations + 1):
-            d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
-            self.step(d, scope, threshold_method)
-            bar.update(k, values=[("density", d)])
+        # The flow network's graph is large and runs only here (its gradient
+        # function is instantiated on the first round).
+        with _compat.without_graph_optimizer() if self.method == "synflow" else contextlib.nullcontext():
+            for k in range(1, iterations + 1):
+                d = density ** (k / iterations) if schedule == "exponential" else 1 - (1 - density) * k / iterations
+                self.step(d, scope, threshold_method)
+                bar.update(k, values=[("density", d)])
         return self.collapsed()
 
     def connectivity(self):
@@ -295,18 +348,18 @@ class _Pruner:
         if getattr(self, "_checker", None) is None:
             plain = getattr(self, "_plain", None) or surgery.strip(self.model)
             self._checker = connectivity.Checker(plain, self.kernel_keys)
-        return self._checker.check([m.numpy() for m in self.masks])
+        return self._checker.check(self._mask_arrays())
 
     def collapsed(self):
         alive = {}
-        for name, m in zip(self.owner, self.masks):
-            alive[name] = alive.get(name, 0) + int(tf.reduce_sum(m))
+        for name, m in zip(self.owner, self._mask_arrays()):
+            alive[name] = alive.get(name, 0) + int(np.count_nonzero(m))
         return [name for name, count in alive.items() if count == 0]
 
 
 def prune_at_init(model, method="synflow", compression=None, sparsity=None, iterations=None,
                   schedule="exponential", scope="global", data=None, loss=None, skip=None,
-                  on_collapse="warn", threshold_method="histogram", seed=0, verbose=1, bn_mode="train"):
+                  on_collapse="warn", threshold_method="partition", seed=0, verbose=1, bn_mode="train"):
     """Prune `model` before training; returns a new model with fixed masks.
 
     Prunable kernels are wrapped in `tfs.layers.Masked`; scores decide which
@@ -341,7 +394,11 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
             alive weights (`tfs.pruning.connectivity`). Emptied residual
             branches / gates of a connected network give an
             `EmptiedBranchWarning` instead (not raised).
-        threshold_method: "histogram" (exact, fast) or "exact" top-k.
+        threshold_method: how each round finds the top-k of the alive
+            scores; all three give the same masks (exactly `k` kept, ties to
+            the earlier flat index): "partition" (default: NumPy
+            introselect, `tfs.ops.topk_mask_numpy`), "histogram"
+            (`tfs.ops.topk_mask`) or "exact" (TensorFlow `top_k`).
         verbose: 1 shows a progress bar over rounds, 0 is silent.
         bn_mode: SNIP/GraSP only: "train" (default, as the SNIP and GraSP
             papers) scores with normalization layers in training mode (batch
@@ -356,15 +413,17 @@ def prune_at_init(model, method="synflow", compression=None, sparsity=None, iter
     >>> round(tfs.sparsity(sparse), 3)
     0.9
     """
-    density = _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse)
+    density = _check_args(method, compression, sparsity, iterations, schedule, scope, data, loss, on_collapse,
+                          threshold_method)
     if iterations is None:
         iterations = 100 if method == "synflow" else 1
     masked = surgery.wrap_prunable(model, Masked, skip=skip)
     pruner = _Pruner(masked, method, data, loss, seed, bn_mode)
     pruner.prune(density, iterations, schedule, scope, threshold_method, verbose)
     collapsed = connectivity.collapse_names(pruner.connectivity(), method, 1 / density, on_collapse)
+    masks = iter(pruner._mask_arrays())
     for wrapper in pruner.wrappers:
-        wrapper.set_masks([m.numpy() for m in wrapper.masks], zero_weights=True)
+        wrapper.set_masks([next(masks) for _ in wrapper.masks], zero_weights=True)
     if collapsed:
         report_collapse(f"Layer collapse: {method} at compression {1 / density:.3g} pruned every weight "
                         f"of {collapsed}; the network cannot pass signal. Lower the compression "
@@ -419,7 +478,7 @@ def critical_compression(model, method="synflow", tolerance=0.05, max_log10=None
     total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
     iterations = iterations or (100 if method == "synflow" else 1)
     lo, hi = 0.0, max_log10 if max_log10 is not None else math.log10(total)
-    threshold_method = kwargs.pop("threshold_method", "histogram")
+    threshold_method = kwargs.pop("threshold_method", "partition")
     if kwargs:
         raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
     while hi - lo > tolerance:

@@ -367,39 +367,44 @@ class SynFlowNetwork:
         return self._run(self.model, inputs, ws, dtype)
 
     def _fn(self, dtype):
+        """The traced function of one dtype: gradients (mode "flow") or reach sums."""
         if dtype in self._fns:
             return self._fns[dtype]
         tdtype = tf.as_dtype(dtype)
-        bases = [tf.constant(b, tdtype) for b in self._bases]
-        reach = self.mode == "reach"
-        tiny = float(np.finfo(dtype).tiny)
 
         @tf.function(reduce_retracing=True, autograph=False)
-        def fn(masks):
-            masks = [tf.cast(m, tdtype) for m in masks]
-            # "reach": the masks alone decide (the model may hold zeros baked in earlier).
-            ws = [tf.cast(m > 0, tdtype) if reach else b * m for b, m in zip(bases, masks)]
-            if reach:
-                outs = self.forward(ws, tdtype)
-                return [tf.reduce_sum(v) for v, _ in outs]
+        def fn(ws):
+            ws = [tf.cast(w, tdtype) for w in ws]
+            if self.mode == "reach":
+                return [tf.reduce_sum(v) for v, _ in self.forward(ws, tdtype)]
             with tf.GradientTape() as tape:
                 tape.watch(ws)
-                outs = self.forward(ws, tdtype)
-                vs, e = _align(outs)
+                vs, e = _align(self.forward(ws, tdtype))
                 total = tf.add_n([tf.reduce_sum(v) for v in vs])
             grads = tape.gradient(total, ws)
-            scores = [tf.abs(g * w) if g is not None else tf.zeros_like(w) for g, w in zip(grads, ws)]
-            # Alive weights whose score is zero or subnormal at this precision,
-            # alive weights, non-finite scores.
-            small = tf.add_n([tf.reduce_sum(tf.cast(tf.logical_and(s < tiny, m > 0), tf.int64))
-                              for s, m in zip(scores, masks)])
-            alive = tf.add_n([tf.reduce_sum(tf.cast(m > 0, tf.int64)) for m in masks])
-            bad = tf.add_n([tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(s)), tf.int64))
-                            for s in scores])
-            return scores, e, tf.stack([small, alive, bad]), total
+            return [g if g is not None else tf.zeros_like(w) for g, w in zip(grads, ws)], e, total
 
         self._fns[dtype] = fn
         return fn
+
+    def weights(self, masks, dtype="float32"):
+        """The kernels of the flow network for 0/1 `masks`: `|kernel| * mask`, as NumPy arrays."""
+        return [(b * np.asarray(m, np.float64)).astype(dtype) for b, m in zip(self._bases, masks)]
+
+    def gradients(self, ws, dtype="float32"):
+        """`(dR'/dw per kernel, log2_scale, R')` at kernels `ws` (NumPy arrays).
+
+        `R' = R * 2**-log2_scale` is the scaled objective (see the module
+        docstring), so `|w * dR'/dw|` are the scaled scores. The one traced
+        function per dtype that SynFlow's rounds call (`prune_at_init`
+        passes its kernels with pruned entries zeroed, updated in place).
+        """
+        if not self.supported:
+            raise ValueError(f"SynFlowNetwork does not support {self.unsupported}.")
+        if self.mode != "flow":
+            raise ValueError("`gradients` needs mode='flow'.")
+        grads, e, total = self._fn(dtype)([tf.convert_to_tensor(w, dtype) for w in ws])
+        return [g.numpy() for g in grads], float(e), float(total)
 
     def scores(self, masks, dtype="float32", true_scale=False, return_info=False):
         """SynFlow scores `|θ * dR/dθ|` of every prunable kernel for 0/1 `masks`.
@@ -415,27 +420,33 @@ class SynFlowNetwork:
                 zero or subnormal, `alive` the alive weights.
 
         Returns:
-            a list of score tensors (the scaled scores are the true ones
+            a list of score arrays (the scaled scores are the true ones
             times `2**-log2_scale`, one constant for all).
         """
-        if not self.supported:
-            raise ValueError(f"SynFlowNetwork does not support {self.unsupported}.")
-        scores, e, counts, total = self._fn(dtype)([tf.convert_to_tensor(m) for m in masks])
-        small, alive, bad = (int(c) for c in counts.numpy())
-        log2_scale = float(e)
+        masks = [np.asarray(m.numpy() if hasattr(m, "numpy") else m) for m in masks]
+        ws = self.weights(masks, dtype)
+        grads, e, total = self.gradients(ws, dtype)
+        scores = [np.abs(g * w) for g, w in zip(grads, ws)]
+        log2_scale = e
         if true_scale and abs(log2_scale) < 1000:
-            unscaled = [tf.cast(s, tf.float64) * 2.0 ** log2_scale for s in scores]
-            if all(bool(tf.reduce_all(tf.math.is_finite(s))) for s in unscaled):
+            unscaled = [s.astype(np.float64) * 2.0 ** log2_scale for s in scores]
+            if all(np.all(np.isfinite(s)) for s in unscaled):
                 scores, log2_scale = unscaled, 0.0
         if return_info:
-            info = {"log2_scale": log2_scale, "small": small, "alive": alive, "nonfinite": bad,
-                    "log2_R": float(e) + math.log2(max(float(total), 1e-300))}
+            tiny = np.finfo(dtype).tiny
+            alive = [m > 0 for m in masks]
+            info = {"log2_scale": log2_scale,
+                    "small": sum(int(np.count_nonzero((s < tiny) & a)) for s, a in zip(scores, alive)),
+                    "alive": sum(int(np.count_nonzero(a)) for a in alive),
+                    "nonfinite": sum(int(np.count_nonzero(~np.isfinite(s))) for s in scores),
+                    "log2_R": e + math.log2(max(total, 1e-300))}
             return scores, info
         return scores
 
     def reaches(self, masks):
         """Per model output: does it depend on the input through alive weights (mode "reach")?"""
-        return [bool(t > 0) for t in self._fn("float32")([tf.convert_to_tensor(m) for m in masks])]
+        ws = [tf.cast(tf.convert_to_tensor(m) > 0, tf.float32) for m in masks]  # the masks alone decide
+        return [bool(t > 0) for t in self._fn("float32")(ws)]
 
 
 # -- hooks for prune_at_init's rounds ----------------------------------------
@@ -485,6 +496,45 @@ def round_scores(net, masks, fast=True, keep=None):
         net.float64_rounds = getattr(net, "float64_rounds", 0) + 1
         return net.scores(masks, "float64")
     return scores
+
+
+def alive_scores(net, ws, masks, alive, keep=None):
+    """One pruning round's scores of the alive weights only, in flat order.
+
+    float32 with exact power-of-two rescaling from `SynFlowNetwork.gradients`,
+    `|g * w|` taken on the alive entries only (the rounds of an exponential
+    schedule leave a few percent of the weights alive soon); float64 when
+    `needs_float64` says float32 could rank differently.
+
+    Args:
+        net: a `SynFlowNetwork` (mode "flow").
+        ws: float32 kernels `|kernel| * mask` (NumPy, kernel shapes).
+        masks: the 0/1 masks (for the float64 fallback).
+        alive: flat indices of the alive entries of each kernel (sorted).
+        keep: `(scope, [counts])` of the round (see `needs_float64`).
+
+    Returns:
+        one 1-D array per kernel: the scores at `alive` (float32, or float64
+        after a fallback round).
+    """
+    grads, _, _ = net.gradients(ws, "float32")
+    tiny = np.finfo(np.float32).tiny
+    out, small, total = [], 0, 0.0
+    for g, w, idx in zip(grads, ws, alive):
+        g, w = g.reshape(-1), w.reshape(-1)
+        if idx.size != g.size:
+            g, w = g[idx], w[idx]
+        s = np.abs(g * w)
+        small += int(np.count_nonzero(s < tiny))
+        total += float(np.sum(s, dtype=np.float64))
+        out.append(s)
+    bad = 0 if math.isfinite(total) else sum(int(np.count_nonzero(~np.isfinite(s))) for s in out)
+    info = {"small": small, "alive": sum(int(idx.size) for idx in alive), "nonfinite": bad}
+    if needs_float64(info, keep):
+        net.float64_rounds = getattr(net, "float64_rounds", 0) + 1
+        full = net.scores(masks, "float64")
+        out = [s.reshape(-1) if idx.size == s.size else s.reshape(-1)[idx] for s, idx in zip(full, alive)]
+    return out
 
 
 # -- softmax heads for the data methods (GraSP's temperature) ----------------
