@@ -436,7 +436,8 @@ def _imitate(student, teacher, x, steps, batch_size, seed):
     student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
 
 
-def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed):
+def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed,
+                           allocation="uniform"):
     """Shared path of the group-wise baselines: score units, meet the budget, cut, fine-tune."""
     width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
     if width is None and flops is None:
@@ -445,7 +446,7 @@ def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, bat
         raise ValueError("Pass at most one budget: `width` or `flops`.")
     groups = surgery.channel_groups(model)
     scores = {name: score(group) for name, group in groups.prunable().items()}
-    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops)
+    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops, allocation=allocation)
     pruned = surgery.prune_groups(model, keep, groups)
     if finetune_steps:
         if data is None:
@@ -465,14 +466,21 @@ def group_l1_scores(group):
     return total
 
 
-def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0,
+                  allocation="uniform"):
     """Baseline: keep the channels with the largest L1 kernel norm (Li et al. 2017).
 
     Channels are removed by dependency group (`tfs.surgery.channel_groups`):
     channels tied by residual adds, depthwise convolutions, concatenations or
     squeeze-excite go together, scored by the summed norms of their filters.
-    Every prunable group keeps the same fraction (`width`, or for `flops`
-    the largest uniform width within that fraction of the dense MACs).
+    With `allocation="uniform"` (Li et al.'s per-layer ratio) every prunable
+    group keeps the same fraction (`width`, or for `flops` the largest
+    uniform width within that fraction of the dense MACs); with
+    `allocation="global"` (`flops` only) one threshold on the scores (each
+    layer's norms relative to their mean) ranks all groups' units together,
+    so layers with weak filters lose more. Both then add single channels
+    while they fit: the MACs land within ~1% under `flops` where the groups
+    allow.
 
     Args:
         model: built Sequential / functional model.
@@ -480,6 +488,7 @@ def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, ba
         flops: fraction of the dense MACs to keep (`tfs.summary(...).flops`).
         data: `x` or `(x, y)`, needed with `finetune_steps`.
         finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+        allocation: "uniform" or "global" (see above).
 
     Example:
 
@@ -487,8 +496,10 @@ def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, ba
     >>> round(tfs.summary(small, print_fn=None).flops / tfs.summary(tfs.zoo.mnist1d_cnn(), print_fn=None).flops, 1)
     0.5
     """
+    if allocation == "global" and flops is None:
+        raise ValueError("`allocation='global'` spreads a `flops` budget; pass `flops`, not `width`.")
     return _prune_by_group_scores(model, group_l1_scores, width, flops, data, finetune_steps,
-                                  batch_size, seed)
+                                  batch_size, seed, allocation)
 
 
 def random_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):

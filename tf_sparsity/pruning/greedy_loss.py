@@ -172,24 +172,30 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
     subset = rng.choice(len(x), min(eval_samples, len(x)), replace=False)
     batch_size = min(batch_size, len(x))
     current = surgery.prune_groups(model, {}, groups)  # a copy: `model` is never edited
+    # Without fine-tuning the masks stay on the copy's kernels and one surgery
+    # ends the run; with it, every group is cut before the fine-tune (else
+    # training would revive the masked rows).
+    per_group = finetune_steps > 0
+    groups, forward, pending = surgery.channel_groups(current), _forward(current), {}
 
-    def accuracy(m, rows):
-        out = m.predict(x[rows], verbose=0, batch_size=512)
+    def accuracy(rows):
+        out = np.concatenate([forward(x[rows[i:i + 512]]) for i in range(0, len(rows), 512)])
         return float(_loss_and_hits(out, targets[rows], logits)[1].mean())
 
-    original = accuracy(current, subset)
+    original = accuracy(subset)
     report = {}
     progress = keras.utils.Progbar(len(prunable), verbose=verbose, unit_name="group")
     for step, name in enumerate(prunable):
-        groups = surgery.channel_groups(current)
-        group = groups.groups[name]
+        if per_group and step:
+            groups, forward = surgery.channel_groups(current), _forward(current)
         if name not in groups.groups:  # cannot happen with name-preserving surgery; say so if it does
             raise RuntimeError(f"group '{name}' disappeared after pruning the previous groups.")
-        reference = accuracy(current, subset) if relative_to == "layer" and step else original
+        group = groups.groups[name]
+        reference = accuracy(subset) if relative_to == "layer" and step else original
         goal = None if accuracy_fraction is None else accuracy_fraction * reference
         mask = _GroupMask(groups, group)
-        forward = _forward(current)
         n_units, selected, stopped, reached = group.size, [], "budget", None
+        multipliers = np.zeros(n_units)
         try:
             while len(selected) < caps[name]:
                 rows = rng.choice(len(x), batch_size, replace=False)
@@ -197,7 +203,6 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
                 pool = np.setdiff1d(np.arange(n_units), selected)
                 if len(pool) > candidates:
                     pool = rng.choice(pool, candidates, replace=False)
-                multipliers = np.zeros(n_units)
                 best = (np.inf, None, None)
                 for j in pool:
                     multipliers[:] = 0.0
@@ -211,7 +216,7 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
                     multipliers[:] = 0.0
                     multipliers[selected] = n_units / len(selected)
                     mask.set(multipliers)
-                    reached = accuracy(current, subset)
+                    reached = accuracy(subset)
                     if reached >= goal:
                         stopped = "accuracy"
                         break
@@ -219,19 +224,27 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
                 stopped = "all units" if len(selected) == n_units else "budget"
         finally:
             mask.restore()
-        multipliers = np.zeros(n_units)
+        multipliers[:] = 0.0
         multipliers[selected] = n_units / len(selected)
         kept = np.sort(np.asarray(selected))
-        masks = groups.keep_masks({name: kept})
-        current = surgery.prune_groups(current, {name: kept}, groups,
-                                       input_scale=mask.input_scale(masks, multipliers))
+        if per_group:
+            masks = groups.keep_masks({name: kept})
+            current = surgery.prune_groups(current, {name: kept}, groups,
+                                           input_scale=mask.input_scale(masks, multipliers))
+            forward = _forward(current)
+        else:
+            mask.set(multipliers)  # stays: the next groups are selected with this one pruned
+            pending[name] = kept
         if reached is None or stopped != "accuracy":
-            reached = accuracy(current, subset)
-        if finetune_steps and len(kept) < n_units:
+            reached = accuracy(subset)  # before the fine-tune: what the stop rule saw
+        if per_group and len(kept) < n_units:
             _finetune(current, x, targets, logits, finetune_steps, batch_size, learning_rate, rng)
-        report[name] = {"kept": len(kept), "total": n_units, "stopped": stopped, "accuracy": reached,
-                        "reference": reference, "consumers": [l.name for l, _, _ in mask.consumers]}
+        report[name] = {"kept": len(kept), "units": kept, "total": n_units, "stopped": stopped,
+                        "accuracy": reached, "reference": reference,
+                        "consumers": [layer.name for layer, _, _ in mask.consumers]}
         progress.update(step + 1, values=[("kept", len(kept) / n_units), ("accuracy", reached)])
+    if not per_group:  # the kept rows already carry their N / n
+        current = surgery.prune_groups(current, pending, groups)
     return current, report
 
 
