@@ -146,6 +146,23 @@ def exported(models, x, a):
     return out
 
 
+def group_table(rows):
+    """The markdown table of `group_nets` rows (mean over seeds)."""
+    lines = ["| net | method | MACs asked | MACs reached | params | test accuracy % (mean ± std) | before fine-tune % "
+             "| TFLM int8 bytes | TFLM arena | TFLM invoke vs dense | LiteRT invoke vs dense | pruning time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in dict.fromkeys((r["net"], r["method"], r["budget"]) for r in rows):
+        group = [r for r in rows if (r["net"], r["method"], r["budget"]) == key]
+        acc = np.array([r["accuracy"] for r in group]) * 100
+        pre = np.array([r.get("accuracy_before_finetune", r["accuracy"]) for r in group]) * 100
+        mean = lambda k: np.mean([r[k] for r in group]) if all(k in r for r in group) else float("nan")  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {key[2] if key[1] != 'dense' else '—'} | {mean('flops'):.3f} | "
+                     f"{mean('params'):.3f} | {acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | {pre.mean():.2f} | "
+                     f"{mean('tflm_bytes'):,.0f} | {mean('tflm_arena'):,.0f} | {mean('tflm_speedup'):.2f}× | "
+                     f"{mean('litert_speedup'):.2f}× | {mean('seconds'):.0f} |")
+    return lines
+
+
 def group_nets(a):
     """Dependency-group pruning on the zoo's 1-D ResNet and 1-D MobileNetV2-style net (MNIST-1D).
 
@@ -165,7 +182,7 @@ def group_nets(a):
     train, val = (x_all[:cut], y_all[:cut]), (x_all[cut:], y_all[cut:])
     rows = []
     for net in a.nets:
-        for seed in range(a.seeds):
+        for seed in range(a.seed_start, a.seed_start + a.seeds):
             keras.utils.set_random_seed(seed)
             dense = getattr(tfs.zoo, net)(weight_decay=5e-4)
             fit = train_classifier(dense, train, val, epochs=a.epochs)
@@ -197,18 +214,7 @@ def group_nets(a):
                     if r["net"] == net and r["seed"] == seed:
                         r.update(export[r.get("key", "dense")])
             write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "partial": True})
-    lines = ["| net | method | MACs asked | MACs reached | params | test accuracy % (mean ± std) | before fine-tune % "
-             "| TFLM int8 bytes | TFLM arena | TFLM invoke vs dense | LiteRT invoke vs dense | pruning time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key in dict.fromkeys((r["net"], r["method"], r["budget"]) for r in rows):
-        group = [r for r in rows if (r["net"], r["method"], r["budget"]) == key]
-        acc = np.array([r["accuracy"] for r in group]) * 100
-        pre = np.array([r.get("accuracy_before_finetune", r["accuracy"]) for r in group]) * 100
-        mean = lambda k: np.mean([r[k] for r in group]) if all(k in r for r in group) else float("nan")  # noqa: E731
-        lines.append(f"| {key[0]} | {key[1]} | {key[2] if key[1] != 'dense' else '—'} | {mean('flops'):.3f} | "
-                     f"{mean('params'):.3f} | {acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | {pre.mean():.2f} | "
-                     f"{mean('tflm_bytes'):,.0f} | {mean('tflm_arena'):,.0f} | {mean('tflm_speedup'):.2f}× | "
-                     f"{mean('litert_speedup'):.2f}× | {mean('seconds'):.0f} |")
+    lines = group_table(rows)
     print("\n".join(lines))
     write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "table": lines})
 
@@ -236,9 +242,20 @@ def main():
     p.add_argument("--candidates", type=int, default=50, help="greedy loss: candidates per step (paper: 50)")
     p.add_argument("--between-steps", type=int, default=10, help="greedy loss: SGD steps between groups")
     p.add_argument("--out", default="structured_groups.json")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (run seeds in parallel processes)")
+    p.add_argument("--merge", nargs="+", help="only merge these results/*.json of --groups runs into --out")
     a = p.parse_args()
     if a.apps:
         return applications(a)
+    if a.merge:
+        import json
+
+        runs = [json.loads((HERE / "results" / f).read_text()) for f in a.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        lines = group_table(rows)
+        print("\n".join(lines))
+        return write_results(HERE / "results" / a.out, {"args": [run["args"] for run in runs], "rows": rows,
+                                                        "table": lines})
     if a.groups:
         return group_nets(a)
     train, test = tfs.datasets.mnist1d(num_samples=10000)
