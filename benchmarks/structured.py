@@ -2,7 +2,7 @@
 
     python benchmarks/structured.py --seeds 3 --epochs 20
     python benchmarks/structured.py --apps            # keras.applications timing only
-    python benchmarks/structured.py --groups --seeds 3 --epochs 5 --finetune-steps 100  # 1-D ResNet / MobileNet
+    python benchmarks/structured.py --groups --seeds 3 --epochs 10 --finetune-epochs 3   # 1-D ResNet / MobileNet
 
 Per seed: train the dense CNN (SGD-Nesterov 0.1, cosine, 20 epochs, L2 5e-4).
 Channel-STR trains from scratch for the same epochs with
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
-from export_targets import time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
+from export_targets import litert_invoker, time_interleaved, tflm_invoker  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 
@@ -99,51 +99,124 @@ def retrained(model, train, test, epochs, weight_decay=5e-4):
     return new
 
 
-def group_nets(a):
-    """Dependency-group pruning on the zoo's 1-D ResNet and 1-D MobileNetV2-style net (MNIST-1D).
+GROUP_METHODS = ("l1-norm (uniform)", "l1-norm (global)", "random", "greedy (reconstruction)",
+                 "greedy (loss, budget stop)", "greedy (loss, 98% stop)")
 
-    Per net and seed: train dense (`--epochs`), then for each budget (0.5, 0.3
-    of the dense MACs) L1, random and greedy (objective="reconstruction",
-    tolerance 0), each followed by `--finetune-steps` imitation steps.
-    Channel-STR is not in this table (its channel groups are per layer).
-    """
-    train, test = tfs.datasets.mnist1d(num_samples=10000)
-    x = train[0]
-    rows = []
-    for net in ("mnist1d_resnet", "mnist1d_mobilenet"):
-        for seed in range(a.seeds):
-            keras.utils.set_random_seed(seed)
-            dense = getattr(tfs.zoo, net)(weight_decay=5e-4)
-            train_classifier(dense, train, test, epochs=a.epochs)
-            dense_flops = tfs.summary(dense, print_fn=None).flops
-            rows.append({"net": net, "method": "dense", "budget": 1.0, "seed": seed,
-                         "accuracy": evaluate(dense, test), "flops": 1.0, "seconds": 0})
-            for budget in (0.5, 0.3):
-                for method, make in (
-                        ("l1-norm", lambda: tfs.pruning.l1_norm_prune(
-                            dense, flops=budget, data=x, finetune_steps=a.finetune_steps, seed=seed)),
-                        ("random", lambda: random_channels(dense, budget, x, a.finetune_steps, seed)),
-                        ("greedy (reconstruction)", lambda: tfs.greedy_prune(
-                            dense, x, objective="reconstruction", flops=budget, tolerance=0.0, batch_size=512,
-                            finetune_steps=a.finetune_steps, verbose=0, seed=seed))):
-                    keras.utils.set_random_seed(seed)
-                    start = time.perf_counter()
-                    small = make()
-                    rows.append({"net": net, "method": method, "budget": budget, "seed": seed,
-                                 "accuracy": evaluate(small, test), "seconds": time.perf_counter() - start,
-                                 "flops": tfs.summary(small, print_fn=None).flops / dense_flops})
-                    print(f"{net} seed {seed} {method} @{budget}: acc {rows[-1]['accuracy']:.4f} "
-                          f"MACs {rows[-1]['flops']:.3f}", flush=True)
-    lines = ["| net | method | MACs asked | MACs reached | accuracy (mean ± std) | time (s) |",
-             "|---|---|---|---|---|---|"]
+
+def group_pruned(method, dense, budget, train, a, seed):
+    """One pruned model of `group_nets` (before the shared fine-tune)."""
+    x, y = train
+    if method == "l1-norm (uniform)":
+        return tfs.pruning.l1_norm_prune(dense, flops=budget)
+    if method == "l1-norm (global)":
+        return tfs.pruning.l1_norm_prune(dense, flops=budget, allocation="global")
+    if method == "random":
+        return tfs.pruning.random_prune(dense, flops=budget, seed=seed)
+    if method == "greedy (reconstruction)":
+        return tfs.greedy_prune(dense, x[:512], objective="reconstruction", flops=budget, tolerance=0.0,
+                                batch_size=512, verbose=0, seed=seed)
+    if method == "greedy (loss, budget stop)":  # the paper's selection, stopped by the MACs cap
+        return tfs.greedy_prune(dense, (x, y), objective="loss", flops=budget, accuracy_fraction=None,
+                                candidates=a.candidates, batch_size=128, finetune_steps=a.between_steps,
+                                verbose=0, seed=seed)
+    if method == "greedy (loss, 98% stop)":  # the paper's selection and stop rule, no MACs budget
+        return tfs.greedy_prune(dense, (x, y), objective="loss", accuracy_fraction=0.98,
+                                candidates=a.candidates, batch_size=128, finetune_steps=a.between_steps,
+                                verbose=0, seed=seed)
+    raise ValueError(method)
+
+
+def exported(models, x, a):
+    """TFLM int8 bytes / arena / invoke and LiteRT float invoke per model (timings interleaved)."""
+    from tf_sparsity.export import runtimes
+
+    tflm, litert, out = {}, {}, {}
+    for name, model in models.items():
+        r = tfs.export.convert(model, target="tflm", representative_data=x[:256])
+        tflm[name] = r.tflite
+        out[name] = {"tflm_bytes": len(r.tflite), "tflm_arena": r.report.tflm.get("arena_bytes")}
+        litert[name] = tfs.export.convert(model, target="litert").tflite
+    with runtimes.captured_stderr():
+        t_tflm = time_interleaved({k: tflm_invoker(v) for k, v in tflm.items()}, a.tflm_runs, a.tflm_rounds, warmup=5)
+    t_lite = time_interleaved({k: litert_invoker(v) for k, v in litert.items()}, a.tflm_runs * 5, a.tflm_rounds,
+                              warmup=20)
+    for name in models:
+        out[name].update(tflm_us=t_tflm[name] * 1e6, litert_us=t_lite[name] * 1e6,
+                         tflm_speedup=t_tflm["dense"] / t_tflm[name], litert_speedup=t_lite["dense"] / t_lite[name])
+    return out
+
+
+def group_table(rows):
+    """The markdown table of `group_nets` rows (mean over seeds)."""
+    lines = ["| net | method | MACs asked | MACs reached | params | test accuracy % (mean ± std) | before fine-tune % "
+             "| TFLM int8 bytes | TFLM arena | TFLM invoke vs dense | LiteRT invoke vs dense | pruning time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in dict.fromkeys((r["net"], r["method"], r["budget"]) for r in rows):
         group = [r for r in rows if (r["net"], r["method"], r["budget"]) == key]
         acc = np.array([r["accuracy"] for r in group]) * 100
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {np.mean([r['flops'] for r in group]):.3f} | "
-                     f"{acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | "
-                     f"{np.mean([r['seconds'] for r in group]):.0f} |")
+        pre = np.array([r.get("accuracy_before_finetune", r["accuracy"]) for r in group]) * 100
+        mean = lambda k: np.mean([r[k] for r in group]) if all(k in r for r in group) else float("nan")  # noqa: E731
+        lines.append(f"| {key[0]} | {key[1]} | {key[2] if key[1] != 'dense' else '—'} | {mean('flops'):.3f} | "
+                     f"{mean('params'):.3f} | {acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | {pre.mean():.2f} | "
+                     f"{mean('tflm_bytes'):,.0f} | {mean('tflm_arena'):,.0f} | {mean('tflm_speedup'):.2f}× | "
+                     f"{mean('litert_speedup'):.2f}× | {mean('seconds'):.0f} |")
+    return lines
+
+
+def group_nets(a):
+    """Dependency-group pruning on the zoo's 1-D ResNet and 1-D MobileNetV2-style net (MNIST-1D).
+
+    Per net and seed: train dense (`--epochs`, SGD-Nesterov 0.1 cosine, L2
+    5e-4) on the training split minus a validation split (`--val`); prune to
+    each `--budgets` fraction of the dense MACs with each of GROUP_METHODS;
+    fine-tune every pruned model the same way (`--finetune-epochs` with the
+    labels, SGD-Nesterov `--finetune-lr` cosine); test accuracy once at the
+    end. "greedy (loss, ...)" is the paper's selection (`objective="loss"`,
+    `--candidates` per step, `--between-steps` SGD steps between groups);
+    "greedy (reconstruction)" is our least-squares variant. Export: TFLM int8
+    (file bytes, arena, invoke) and LiteRT float32 (invoke), ratios to the
+    dense model of the same seed, timings interleaved.
+    """
+    (x_all, y_all), test = tfs.datasets.mnist1d(num_samples=a.samples)
+    cut = len(x_all) - int(a.val * len(x_all))
+    train, val = (x_all[:cut], y_all[:cut]), (x_all[cut:], y_all[cut:])
+    rows = []
+    for net in a.nets:
+        for seed in range(a.seed_start, a.seed_start + a.seeds):
+            keras.utils.set_random_seed(seed)
+            dense = getattr(tfs.zoo, net)(weight_decay=5e-4)
+            fit = train_classifier(dense, train, val, epochs=a.epochs)
+            dense_summary = tfs.summary(dense, print_fn=None)
+            models = {"dense": dense}
+            rows.append({"net": net, "method": "dense", "budget": 1.0, "seed": seed, "val": fit["accuracy"],
+                         "accuracy": evaluate(dense, test), "flops": 1.0, "params": 1.0, "seconds": 0})
+            print(f"{net} seed {seed} dense: val {fit['accuracy']:.4f} test {rows[-1]['accuracy']:.4f}", flush=True)
+            for budget in a.budgets:
+                for method in a.methods:
+                    keras.utils.set_random_seed(seed)
+                    start = time.perf_counter()
+                    small = group_pruned(method, dense, budget, train, a, seed)
+                    seconds = time.perf_counter() - start
+                    before = evaluate(small, test)
+                    fit = train_classifier(small, train, val, epochs=a.finetune_epochs, learning_rate=a.finetune_lr)
+                    s = tfs.summary(small, print_fn=None)
+                    key = f"{method} @{budget}"
+                    models[key] = small
+                    rows.append({"net": net, "method": method, "budget": budget, "seed": seed, "seconds": seconds,
+                                 "val": fit["accuracy"], "accuracy": evaluate(small, test),
+                                 "accuracy_before_finetune": before, "key": key,
+                                 "flops": s.flops / dense_summary.flops, "params": s.params / dense_summary.params})
+                    print(f"{net} seed {seed} {key}: test {rows[-1]['accuracy']:.4f} (before fine-tune {before:.4f}) "
+                          f"MACs {rows[-1]['flops']:.3f} params {rows[-1]['params']:.3f} ({seconds:.0f} s)", flush=True)
+            if a.tflm_runs:
+                export = exported(models, train[0], a)
+                for r in rows:
+                    if r["net"] == net and r["seed"] == seed:
+                        r.update(export[r.get("key", "dense")])
+            write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "partial": True})
+    lines = group_table(rows)
     print("\n".join(lines))
-    write_results(HERE / "results" / "structured_groups.json", {"args": vars(a), "rows": rows, "table": lines})
+    write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "table": lines})
 
 
 def main():
@@ -159,9 +232,30 @@ def main():
     p.add_argument("--apps-samples", type=int, default=256)
     p.add_argument("--apps-nets", nargs="+", default=["MobileNetV2", "ResNet50", "EfficientNetB0"])
     p.add_argument("--groups", action="store_true", help="only the 1-D ResNet / MobileNet group benchmark")
+    p.add_argument("--nets", nargs="+", default=["mnist1d_resnet", "mnist1d_mobilenet"])
+    p.add_argument("--methods", nargs="+", default=list(GROUP_METHODS))
+    p.add_argument("--budgets", nargs="+", type=float, default=[0.5])
+    p.add_argument("--samples", type=int, default=10000, help="MNIST-1D samples (80%% train, 20%% test)")
+    p.add_argument("--val", type=float, default=0.1, help="validation fraction cut from the training split")
+    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--candidates", type=int, default=50, help="greedy loss: candidates per step (paper: 50)")
+    p.add_argument("--between-steps", type=int, default=10, help="greedy loss: SGD steps between groups")
+    p.add_argument("--out", default="structured_groups.json")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed (run seeds in parallel processes)")
+    p.add_argument("--merge", nargs="+", help="only merge these results/*.json of --groups runs into --out")
     a = p.parse_args()
     if a.apps:
         return applications(a)
+    if a.merge:
+        import json
+
+        runs = [json.loads((HERE / "results" / f).read_text()) for f in a.merge]
+        rows = [r for run in runs for r in run["rows"]]
+        lines = group_table(rows)
+        print("\n".join(lines))
+        return write_results(HERE / "results" / a.out, {"args": [run["args"] for run in runs], "rows": rows,
+                                                        "table": lines})
     if a.groups:
         return group_nets(a)
     train, test = tfs.datasets.mnist1d(num_samples=10000)

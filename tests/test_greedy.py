@@ -145,3 +145,79 @@ def test_unsupported_topology():
     model = keras.Model(inputs, L.Add()([a, b]))
     with pytest.raises(ValueError, match="no layer whose channels can be removed"):
         tfs.greedy_prune(model, np.zeros((4, 8), "float32"), verbose=0)
+
+
+def _loss_masked(model, report):
+    """`model` with each group's consumers seeing only its selected units, times N / n (no fine-tune)."""
+    from tf_sparsity.pruning.greedy_loss import _GroupMask
+
+    copy = surgery.prune_groups(model, {})
+    for name, r in report.items():
+        groups = surgery.channel_groups(copy)
+        multipliers = np.zeros(r["total"])
+        multipliers[r["units"]] = r["total"] / r["kept"]
+        _GroupMask(groups, groups.groups[name]).set(multipliers)
+    return copy
+
+
+def _trained_resnet(mnist1d_data):
+    (x, y), _ = mnist1d_data
+    keras.utils.set_random_seed(0)
+    model = tfs.zoo.mnist1d_resnet(filters=(8, 16), blocks=1)
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x[:2000], y[:2000], epochs=2, batch_size=64, verbose=0)
+    return model, x[:2000], y[:2000]
+
+
+@pytest.mark.slow
+def test_greedy_loss_stops_at_the_accuracy_and_equals_the_masked_model(mnist1d_data):
+    model, x, y = _trained_resnet(mnist1d_data)
+    small, report = tfs.greedy_prune(model, (x, y), objective="loss", candidates=6, batch_size=64,
+                                     verbose=0, return_report=True)
+    assert set(report) == set(surgery.channel_groups(model).prunable())
+    for r in report.values():  # every group stops at 98% of the accuracy before it (or keeps all)
+        assert r["stopped"] in ("accuracy", "all units")
+        if r["stopped"] == "accuracy":
+            assert r["accuracy"] >= 0.98 * r["reference"]
+    assert any(r["kept"] < r["total"] for r in report.values())
+    masked = _loss_masked(model, report)
+    np.testing.assert_allclose(np.asarray(small(x[:64], training=False)),
+                               np.asarray(masked(x[:64], training=False)), atol=1e-4, rtol=1e-4)
+    assert tfs.summary(small, print_fn=None).flops < tfs.summary(model, print_fn=None).flops
+    # The global variant (no labels: the original model's output) with a MACs cap and fine-tuning.
+    capped, report = tfs.greedy_prune(model, x, objective="loss", flops=0.5, accuracy_fraction=None,
+                                      candidates=4, batch_size=64, finetune_steps=5, verbose=0,
+                                      return_report=True)
+    ratio = tfs.summary(capped, print_fn=None).flops / tfs.summary(model, print_fn=None).flops
+    assert 0.45 <= ratio <= 0.5 and all(r["stopped"] == "budget" for r in report.values())
+
+
+def test_greedy_loss_bad_input_is_named():
+    model = tfs.zoo.mnist1d_cnn(filters=4, hidden=8)
+    x = random_like((32, 40, 1))
+    with pytest.raises(ValueError, match="accuracy_fraction"):
+        tfs.greedy_prune(model, x, objective="loss", accuracy_fraction=1.5, verbose=0)
+    with pytest.raises(ValueError, match="needs a budget"):
+        tfs.greedy_prune(model, x, objective="loss", accuracy_fraction=None, verbose=0)
+    with pytest.raises(ValueError, match="integer class ids"):
+        tfs.greedy_prune(model, (x, np.zeros(32, "float32")), objective="loss", verbose=0)
+    with pytest.raises(ValueError, match=r"lie in \[0, 10\)"):
+        tfs.greedy_prune(model, (x, np.full(32, 12)), objective="loss", verbose=0)
+    with pytest.raises(ValueError, match="objective"):
+        tfs.greedy_prune(model, x, objective="paper", verbose=0)
+
+
+@pytest.mark.slow
+def test_greedy_loss_on_keras_applications_mobilenet_v2():
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10, alpha=0.35)
+    x = random_like((96, 32, 32, 3))
+    small, report = tfs.greedy_prune(model, x, objective="loss", width=0.5, accuracy_fraction=0.9,
+                                     candidates=3, batch_size=32, verbose=0, return_report=True)
+    assert len(report) == len(surgery.channel_groups(model).prunable())
+    for r in report.values():
+        assert r["stopped"] in ("accuracy", "budget") and r["kept"] <= max(1, round(0.5 * r["total"]))
+        if r["stopped"] == "accuracy":
+            assert r["accuracy"] >= 0.9 * r["reference"]
+    masked = _loss_masked(model, report)
+    np.testing.assert_allclose(np.asarray(small(x[:8], training=False)),
+                               np.asarray(masked(x[:8], training=False)), atol=1e-5, rtol=1e-4)

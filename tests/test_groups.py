@@ -155,3 +155,31 @@ def test_greedy_reconstruction_is_exact_when_keeping_all_and_beats_l1():
     ref = np.asarray(model(x))
     error = lambda m: float(np.mean((np.asarray(m(x)) - ref) ** 2))  # noqa: E731
     assert error(small) < error(tfs.pruning.l1_norm_prune(model, flops=0.5))
+
+
+@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_cnn, tfs.zoo.mnist1d_resnet, tfs.zoo.mnist1d_mobilenet])
+def test_flops_budgets_land_within_two_percent(build):
+    model = build()
+    dense = tfs.summary(model, print_fn=None).flops
+    for allocation in ("uniform", "global"):
+        for budget in (0.5, 0.3):
+            small = tfs.pruning.l1_norm_prune(model, flops=budget, allocation=allocation)
+            assert 0.98 * budget <= tfs.summary(small, print_fn=None).flops / dense <= budget
+
+
+def test_global_allocation_follows_the_scores():
+    model = _toy()
+    groups = surgery.channel_groups(model)
+    # One group's units all score low: the global threshold takes them first, uniform does not.
+    scores = {n: np.full(g.size, 1.0 if n != "expand" else 0.01) + np.linspace(0, 0.001, g.size)
+              for n, g in groups.prunable().items()}
+    uniform = surgery.keep_for_budget(groups, scores, flops=0.6)
+    ranked = surgery.keep_for_budget(groups, scores, flops=0.6, allocation="global")
+    assert len(ranked["expand"]) < len(uniform["expand"])
+    assert surgery.group_macs(groups, ranked) / surgery.group_macs(groups, {}) <= 0.6
+    with pytest.raises(ValueError, match="allocation"):
+        surgery.keep_for_budget(groups, scores, flops=0.6, allocation="greedy")
+    with pytest.raises(ValueError, match="lacks the prunable groups"):
+        surgery.keep_for_budget(groups, {"stem": scores["stem"]}, flops=0.6)
+    with pytest.raises(ValueError, match="pass `flops`"):
+        tfs.pruning.l1_norm_prune(model, width=0.5, allocation="global")

@@ -11,9 +11,10 @@ import numpy as np
 from keras import ops
 
 from tf_sparsity import _compat, surgery
+from tf_sparsity.pruning.greedy_loss import greedy_loss
 from tf_sparsity.summarize import summary
 
-OBJECTIVES = ("local", "global", "auto", "reconstruction")
+OBJECTIVES = ("local", "global", "auto", "reconstruction", "loss")
 
 
 def _check_fraction(name, value):
@@ -174,7 +175,7 @@ def _sub_models(model, chain):
 
 def greedy_prune(model, data, objective="auto", width=None, flops=None, tolerance=1e-3,
                  candidates=None, taylor=False, finetune_steps=0, batch_size=256, seed=0,
-                 verbose=1, return_report=False):
+                 verbose=1, return_report=False, accuracy_fraction=0.98, learning_rate=1e-2):
     """Structured pruning by greedy forward selection; returns a smaller model.
 
     Layer by layer (units of Dense, filters of Conv1D/Conv2D, input side
@@ -187,6 +188,15 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
     - "global": match the network's final output (MSE to the original);
     - "auto": run both per layer and keep whichever needs fewer channels
       (at equal count, the lower final-output error);
+    - "loss": **the paper's method** (`tfs.pruning.greedy_loss`): per
+      channel dependency group, units added one at a time to minimise the
+      training loss (labels from `data=(x, y)`, or the original model's
+      output when `data` is `x` only: the global variant) on a fresh
+      minibatch, each with the paper's `N / n` rescale, `candidates`
+      (default 50) random candidates per step, stopping at
+      `accuracy_fraction` (0.98) of the training accuracy, and
+      `finetune_steps` SGD steps (`learning_rate`) after every group;
+      `width` / `flops` cap each group (uniform width);
     - "reconstruction": "local" over channel dependency groups
       (`tfs.surgery.channel_groups`): residual-tied, depthwise, concatenated
       and squeeze-excite channels are selected as one unit, reconstructing
@@ -206,7 +216,10 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         taylor: for "global", rank candidates by a first-order estimate and
             evaluate only the best `candidates` (default 16).
         finetune_steps: Adam steps on the MSE to the original model's outputs
-            after pruning (imitation; labels are not needed).
+            after pruning (imitation; labels are not needed); for "loss", SGD
+            steps on the loss after every group (the paper's short
+            fine-tuning between layers).
+        accuracy_fraction, learning_rate: "loss" only (see `greedy_loss`).
         return_report: also return a dict per layer (kept/total, error, objective).
 
     Example:
@@ -223,6 +236,14 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         raise ValueError(f"`candidates` must be an integer >= 1; received {candidates!r}.")
     surgery.check_model(model)
     x = _inputs_of(data, model)
+    if objective == "loss":
+        y = data[1] if isinstance(data, (tuple, list)) and len(data) == 2 else None
+        current, report = greedy_loss(model, x, y, width=width, flops=flops,
+                                      accuracy_fraction=accuracy_fraction,
+                                      candidates=50 if candidates is None else candidates,
+                                      batch_size=batch_size, finetune_steps=finetune_steps,
+                                      learning_rate=learning_rate, seed=seed, verbose=verbose)
+        return (current, report) if return_report else current
     if objective == "reconstruction":
         if width is None and flops is None:
             width = 1.0 - 1e-9
@@ -415,7 +436,8 @@ def _imitate(student, teacher, x, steps, batch_size, seed):
     student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
 
 
-def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed):
+def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed,
+                           allocation="uniform"):
     """Shared path of the group-wise baselines: score units, meet the budget, cut, fine-tune."""
     width, flops = _check_fraction("width", width), _check_fraction("flops", flops)
     if width is None and flops is None:
@@ -424,7 +446,7 @@ def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, bat
         raise ValueError("Pass at most one budget: `width` or `flops`.")
     groups = surgery.channel_groups(model)
     scores = {name: score(group) for name, group in groups.prunable().items()}
-    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops)
+    keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops, allocation=allocation)
     pruned = surgery.prune_groups(model, keep, groups)
     if finetune_steps:
         if data is None:
@@ -444,14 +466,21 @@ def group_l1_scores(group):
     return total
 
 
-def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):
+def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0,
+                  allocation="uniform"):
     """Baseline: keep the channels with the largest L1 kernel norm (Li et al. 2017).
 
     Channels are removed by dependency group (`tfs.surgery.channel_groups`):
     channels tied by residual adds, depthwise convolutions, concatenations or
     squeeze-excite go together, scored by the summed norms of their filters.
-    Every prunable group keeps the same fraction (`width`, or for `flops`
-    the largest uniform width within that fraction of the dense MACs).
+    With `allocation="uniform"` (Li et al.'s per-layer ratio) every prunable
+    group keeps the same fraction (`width`, or for `flops` the largest
+    uniform width within that fraction of the dense MACs); with
+    `allocation="global"` (`flops` only) one threshold on the scores (each
+    layer's norms relative to their mean) ranks all groups' units together,
+    so layers with weak filters lose more. Both then add single channels
+    while they fit: the MACs land within ~1% under `flops` where the groups
+    allow.
 
     Args:
         model: built Sequential / functional model.
@@ -459,6 +488,7 @@ def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, ba
         flops: fraction of the dense MACs to keep (`tfs.summary(...).flops`).
         data: `x` or `(x, y)`, needed with `finetune_steps`.
         finetune_steps: Adam steps on the MSE to `model`'s outputs afterwards.
+        allocation: "uniform" or "global" (see above).
 
     Example:
 
@@ -466,8 +496,10 @@ def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, ba
     >>> round(tfs.summary(small, print_fn=None).flops / tfs.summary(tfs.zoo.mnist1d_cnn(), print_fn=None).flops, 1)
     0.5
     """
+    if allocation == "global" and flops is None:
+        raise ValueError("`allocation='global'` spreads a `flops` budget; pass `flops`, not `width`.")
     return _prune_by_group_scores(model, group_l1_scores, width, flops, data, finetune_steps,
-                                  batch_size, seed)
+                                  batch_size, seed, allocation)
 
 
 def random_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0):

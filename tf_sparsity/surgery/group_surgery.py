@@ -15,7 +15,8 @@ from tf_sparsity.summarize import summary
 from tf_sparsity.surgery.graph import map_layers
 from tf_sparsity.surgery.groups import channel_groups
 
-__all__ = ["dead_units", "group_macs", "keep_for_budget", "prune_dead_units", "prune_groups", "uniform_keep"]
+__all__ = ["ALLOCATIONS", "dead_units", "group_macs", "keep_for_budget", "prune_dead_units", "prune_groups",
+           "uniform_keep"]
 
 
 def _check_keep(groups, keep):
@@ -165,16 +166,23 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
     return map_layers(model, replace, transfer=transfer)
 
 
-def keep_for_budget(groups, scores, width=None, flops=None):
+ALLOCATIONS = ("uniform", "global")
+
+
+def keep_for_budget(groups, scores, width=None, flops=None, allocation="uniform"):
     """The units to keep for a `width` or `flops` budget, best `scores` first.
 
     Args:
         groups: `channel_groups(model)`.
         scores: `{group name: per-unit scores}` for every prunable group.
         width: fraction of every prunable group's channels kept.
-        flops: fraction of the dense MACs: the largest uniform width whose
-            MACs stay within it (bisection on the exact count), then single
-            units added group by group while they fit.
+        flops: fraction of the dense MACs kept (exact count, `group_macs`).
+        allocation: how `flops` is spread over the groups: "uniform" (the
+            largest uniform width within the budget, by bisection) or
+            "global" (one threshold on the scores across all groups, by
+            bisection: groups with weak units lose more; scores must be
+            comparable between groups). Either way, single units are then
+            added (best score first) while the MACs stay within `flops`.
 
     Raises a `ValueError` when no prunable group exists or the frozen
     channels make `flops` unreachable (naming them and the smallest MACs).
@@ -188,10 +196,15 @@ def keep_for_budget(groups, scores, width=None, flops=None):
     >>> [int(i) for i in keep["h"]]
     [4, 5, 6, 7]
     """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"`allocation` must be one of {list(ALLOCATIONS)}; received {allocation!r}.")
     prunable = groups.prunable()
     if not prunable:
         raise ValueError("`model` has no channel group that can lose channels; frozen: "
                          f"{groups.frozen or {n: g.frozen for n, g in groups.groups.items()}}.")
+    missing = sorted(set(prunable) - set(scores))
+    if missing:
+        raise ValueError(f"`scores` lacks the prunable groups {missing}.")
     if width is not None:
         return uniform_keep(groups, width, scores)
     dense = group_macs(groups, {})
@@ -202,11 +215,13 @@ def keep_for_budget(groups, scores, width=None, flops=None):
             f"`flops={flops}` is below the smallest reachable MACs ({smallest:.3f} of dense, one "
             f"channel per group); frozen groups: {frozen or 'none'}; frozen layers: "
             f"{groups.frozen or 'none'}.")
+    make = (lambda t: uniform_keep(groups, t, scores)) if allocation == "uniform" else (
+        _threshold_keep(prunable, scores))
     lo, hi = 0.0, 1.0
-    best = uniform_keep(groups, 0.0, scores)
-    for _ in range(20):
+    best = make(0.0)
+    for _ in range(24):
         mid = 0.5 * (lo + hi)
-        keep = uniform_keep(groups, mid, scores)
+        keep = make(mid)
         if group_macs(groups, keep) / dense > flops:
             hi = mid
         else:
@@ -214,22 +229,45 @@ def keep_for_budget(groups, scores, width=None, flops=None):
     return _fill(groups, best, scores, flops, dense)
 
 
-def _fill(groups, keep, scores, flops, dense, rounds=3):
-    """Spend what rounding the uniform width left: add each group's next best unit
-    while the MACs stay within `flops` (small nets, where one channel is a lot)."""
-    for _ in range(rounds):
-        if flops - group_macs(groups, keep) / dense < 0.005:
-            break
+def _threshold_keep(prunable, scores):
+    """`fraction -> keep`: the units above the global score quantile `1 - fraction` (>= 1 per group)."""
+    pooled = np.sort(np.concatenate([np.asarray(scores[n], float) for n in prunable]))
+
+    def keep(fraction):
+        n_keep = int(round(fraction * len(pooled)))
+        cut = np.inf if n_keep == 0 else pooled[len(pooled) - n_keep]
+        out = {}
+        for name in prunable:
+            s = np.asarray(scores[name], float)
+            chosen = np.flatnonzero(s >= cut)
+            out[name] = chosen if len(chosen) else np.array([int(np.argmax(s))])
+        return out
+
+    return keep
+
+
+def _fill(groups, keep, scores, flops, dense, tol=1e-3):
+    """Spend what the bisection left: add single units (each group's next best, the
+    globally best-scored first) while the MACs stay within `flops`."""
+    keep = {n: np.asarray(k) for n, k in keep.items()}
+    full = set()
+    while flops - group_macs(groups, keep) / dense > tol:
         added = False
+        nexts = []
         for name, group in groups.prunable().items():
-            if len(keep[name]) >= group.size:
+            if name in full or len(keep[name]) >= group.size:
                 continue
             order = np.argsort(-np.asarray(scores[name]), kind="stable")
-            extra = next(int(i) for i in order if i not in set(keep[name].tolist()))
+            taken = set(keep[name].tolist())
+            extra = next(int(i) for i in order if i not in taken)
+            nexts.append((-float(np.asarray(scores[name])[extra]), name, extra))
+        for _, name, extra in sorted(nexts):
             trial = dict(keep)
             trial[name] = np.sort(np.append(keep[name], extra))
             if group_macs(groups, trial) / dense <= flops:
                 keep, added = trial, True
+            else:
+                full.add(name)  # its next unit does not fit now; it will not later either
         if not added:
             break
     return keep
