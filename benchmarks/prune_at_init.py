@@ -102,6 +102,28 @@ def app_model(name):
     return getattr(keras.applications, name)(weights=None, input_shape=(32, 32, 3), classes=100)
 
 
+def _method_pruners(a, data):
+    """(network, method, pruner, start time) for every network and method of `a`.
+
+    One masked model per network, shared by its methods' pruners (each
+    starts from `reset()`); the one-shot methods score once and every
+    later `prune` thresholds those cached scores.
+    """
+    from tf_sparsity.pruning.at_init import _Pruner
+
+    for name in a.networks:
+        masked = tfs.surgery.wrap_prunable(app_model(name), tfs.layers.Masked)
+        loss = LOSS if name == "vgg16_bn" else keras.losses.SparseCategoricalCrossentropy()
+        for method in a.methods:
+            start = time.perf_counter()
+            pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
+            pruner.reset()
+            if method != "synflow":
+                cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
+                pruner.scores = lambda fast=False, cached=cached: cached
+            yield name, method, pruner, start
+
+
 def apps(a):
     """Collapse of every method on a log10-compression grid: connectivity and per-layer definitions.
 
@@ -110,45 +132,33 @@ def apps(a):
     those scores at every point. The critical compression on the grid is the
     largest point below the first collapsed one.
     """
-    from tf_sparsity.pruning.at_init import _Pruner
-
     data = digits_32(a.data_size)
     grid = [round(1 + 0.5 * i, 2) for i in range(int(round((a.max_log10 - 1) / 0.5)) + 1)]
     rows = {}
-    for name in a.networks:
-        model = app_model(name)
-        masked = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)
-        loss = LOSS if name == "vgg16_bn" else keras.losses.SparseCategoricalCrossentropy()
-        rows[name] = {}
-        for method in a.methods:
-            start = time.perf_counter()
-            pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
-            pruner.reset()  # the masks are shared with the previous method's pruner
-            if method != "synflow":
-                cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
-                pruner.scores = lambda fast=False, cached=cached: cached
-            points = []
-            for log10 in grid:
-                pruner.reset()
-                iterations = a.sweep_iterations if method == "synflow" else 1
-                empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "partition", 0)
-                report = pruner.connectivity()
-                points.append({"log10": log10, "connected": report.connected, "empty": empty,
-                               "cuts": report.cuts, "emptied_branches": len(report.emptied_branches)})
-                print(f"{name} {method} 10^{log10}: connected {report.connected}, {len(empty)} empty "
-                      f"({len(report.emptied_branches)} branches, cuts {report.cuts[:3]})", flush=True)
+    for name, method, pruner, start in _method_pruners(a, data):
+        rows.setdefault(name, {})
+        points = []
+        for log10 in grid:
+            pruner.reset()
+            iterations = a.sweep_iterations if method == "synflow" else 1
+            empty = pruner.prune(10.0 ** -log10, iterations, "exponential", "global", "partition", 0)
+            report = pruner.connectivity()
+            points.append({"log10": log10, "connected": report.connected, "empty": empty,
+                           "cuts": report.cuts, "emptied_branches": len(report.emptied_branches)})
+            print(f"{name} {method} 10^{log10}: connected {report.connected}, {len(empty)} empty "
+                  f"({len(report.emptied_branches)} branches, cuts {report.cuts[:3]})", flush=True)
 
-            def critical(bad):
-                ok = [p["log10"] for p in points[:next((i for i, p in enumerate(points) if bad(p)), len(points))]]
-                return ok[-1] if ok else 0.0
+        def critical(bad):
+            ok = [p["log10"] for p in points[:next((i for i, p in enumerate(points) if bad(p)), len(points))]]
+            return ok[-1] if ok else 0.0
 
-            rows[name][method] = {
-                "critical_connectivity": critical(lambda p: not p["connected"]),
-                "critical_layer": critical(lambda p: bool(p["empty"])),
-                "seconds": time.perf_counter() - start, "points": points}
-            print(f"{name} {method}: critical 10^{rows[name][method]['critical_connectivity']} (connectivity), "
-                  f"10^{rows[name][method]['critical_layer']} (per layer), "
-                  f"{rows[name][method]['seconds']:.0f} s", flush=True)
+        rows[name][method] = {
+            "critical_connectivity": critical(lambda p: not p["connected"]),
+            "critical_layer": critical(lambda p: bool(p["empty"])),
+            "seconds": time.perf_counter() - start, "points": points}
+        print(f"{name} {method}: critical 10^{rows[name][method]['critical_connectivity']} (connectivity), "
+              f"10^{rows[name][method]['critical_layer']} (per layer), "
+              f"{rows[name][method]['seconds']:.0f} s", flush=True)
     return rows
 
 
@@ -159,54 +169,42 @@ def apps_critical(a):
     Stops a network at `--budget-seconds` and reports the bracket [lo, hi] reached; results are
     written after every bisection step (partial runs keep what they measured).
     """
-    from tf_sparsity.pruning.at_init import _Pruner
-
     data = digits_32(a.data_size)
     rows = {}
     out = pathlib.Path(a.out) if a.out else HERE / "results" / "prune_at_init_apps_critical.json"
-    for name in a.networks:
-        model = app_model(name)
-        masked = tfs.surgery.wrap_prunable(model, tfs.layers.Masked)
-        loss = LOSS if name == "vgg16_bn" else keras.losses.SparseCategoricalCrossentropy()
-        rows[name] = {}
-        for method in a.methods:
-            start = time.perf_counter()
-            pruner = _Pruner(masked, method, data if method in ("snip", "grasp") else None, loss, 0)
+    for name, method, pruner, start in _method_pruners(a, data):
+        rows.setdefault(name, {})
+        total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
+        lo, hi = 0.0, float(np.log10(total))
+        points = []
+        row = {"lo": lo, "hi": hi, "points": points, "rounds": a.sweep_iterations if method == "synflow" else 1,
+               "done": False}
+        rows[name][method] = row
+        while hi - lo > a.tolerance:
+            if time.perf_counter() - start > a.budget_seconds:
+                break
+            mid = 0.5 * (lo + hi)
             pruner.reset()
-            if method != "synflow":  # one-shot: score once, threshold at every point
-                cached = [tf.convert_to_tensor(s) for s in pruner.scores()]
-                pruner.scores = lambda fast=False, cached=cached: cached
-            total = sum(int(np.prod(k.shape)) for k in pruner.kernels)
-            lo, hi = 0.0, float(np.log10(total))
-            points = []
-            row = {"lo": lo, "hi": hi, "points": points, "rounds": a.sweep_iterations if method == "synflow" else 1,
-                   "done": False}
-            rows[name][method] = row
-            while hi - lo > a.tolerance:
-                if time.perf_counter() - start > a.budget_seconds:
-                    break
-                mid = 0.5 * (lo + hi)
-                pruner.reset()
-                t = time.perf_counter()
-                empty = pruner.prune(10.0 ** -mid, row["rounds"], "exponential", "global", "partition", 0)
-                report = pruner.connectivity()
-                points.append({"log10": mid, "connected": report.connected, "empty": empty, "cuts": report.cuts,
-                               "emptied_branches": len(report.emptied_branches),
-                               "seconds": time.perf_counter() - t})
-                lo, hi = (lo, mid) if report.collapsed else (mid, hi)
-                row.update(lo=lo, hi=hi, seconds=time.perf_counter() - start)
-                print(f"{name} {method} 10^{mid:.3f}: connected {report.connected}, {len(empty)} empty "
-                      f"-> bracket [{lo:.3f}, {hi:.3f}] ({time.perf_counter() - t:.0f} s)", flush=True)
-                write_results(out, {"args": vars(a), "result": rows})
-            row["done"] = hi - lo <= a.tolerance
-            # per-layer definition on the measured points: largest point with no empty layer
-            # below the smallest point with one (bisection was driven by connectivity).
-            bad = [p["log10"] for p in points if p["empty"]]
-            row["per_layer_ok_below"] = max([p["log10"] for p in points if not p["empty"]
-                                             and p["log10"] < min(bad, default=99)], default=0.0)
-            row["per_layer_first_empty"] = min(bad, default=None)
-            print(f"{name} {method}: critical log10 in [{lo:.3f}, {hi:.3f}] ({row['seconds'] if points else 0:.0f} s)",
-                  flush=True)
+            t = time.perf_counter()
+            empty = pruner.prune(10.0 ** -mid, row["rounds"], "exponential", "global", "partition", 0)
+            report = pruner.connectivity()
+            points.append({"log10": mid, "connected": report.connected, "empty": empty, "cuts": report.cuts,
+                           "emptied_branches": len(report.emptied_branches),
+                           "seconds": time.perf_counter() - t})
+            lo, hi = (lo, mid) if report.collapsed else (mid, hi)
+            row.update(lo=lo, hi=hi, seconds=time.perf_counter() - start)
+            print(f"{name} {method} 10^{mid:.3f}: connected {report.connected}, {len(empty)} empty "
+                  f"-> bracket [{lo:.3f}, {hi:.3f}] ({time.perf_counter() - t:.0f} s)", flush=True)
+            write_results(out, {"args": vars(a), "result": rows})
+        row["done"] = hi - lo <= a.tolerance
+        # per-layer definition on the measured points: largest point with no empty layer
+        # below the smallest point with one (bisection was driven by connectivity).
+        bad = [p["log10"] for p in points if p["empty"]]
+        row["per_layer_ok_below"] = max([p["log10"] for p in points if not p["empty"]
+                                         and p["log10"] < min(bad, default=99)], default=0.0)
+        row["per_layer_first_empty"] = min(bad, default=None)
+        print(f"{name} {method}: critical log10 in [{lo:.3f}, {hi:.3f}] ({row['seconds'] if points else 0:.0f} s)",
+              flush=True)
     return rows
 
 
