@@ -121,7 +121,9 @@ def test_step_file_does_not_grow_with_the_sequence():
         keras.utils.set_random_seed(0)
         result = tfs.export.convert(model, target="tflm", representative_data=seqs(steps=steps), verify=False)
         sizes.append(len(result.tflite))
-    assert abs(sizes[0] - sizes[1]) <= 8  # only the recorded length in the metadata differs
+    # Only the metadata differs: the recorded length and the scales as JSON text (the joined head's output
+    # scale is calibrated on other data); unrolled, 30 more steps would add kilobytes.
+    assert abs(sizes[0] - sizes[1]) <= 64
 
 
 def test_head_once_per_sequence_matches_the_head_at_every_step():
