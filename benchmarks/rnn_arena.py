@@ -5,7 +5,7 @@
 Trains `demo_lowrank_gru32` exactly as `benchmarks/rnn_export.py` does (MNIST-1D
 10k, 40 steps, seed 0, 20 epochs, TargetSparsity(0.75)), then exports the int8
 step form (`target="tflm"`) with each combination of: the head split off into
-its own model (`step_export.SPLIT_HEAD`), per-channel vs per-tensor int8
+its own model (`convert(..., step_head="separate")`; default "joined"), per-channel vs per-tensor int8
 weights (`step_export._PER_CHANNEL`) and state inputs retargeted to the new
 state's quantization instead of a requantizing QUANTIZE per step
 (`step_model.RETARGET_STATES`). Per variant: file bytes, smallest working
@@ -43,11 +43,12 @@ def main(argv=None):
     model, row = rnn_export.train(a.model, data, a)
     (x, _), (x_test, y_test) = data
     out = {"args": vars(a), "train": row, "variants": []}
-    defaults = step_export.SPLIT_HEAD, step_export._PER_CHANNEL, step_model.RETARGET_STATES
+    defaults = step_export._PER_CHANNEL, step_model.RETARGET_STATES
     try:
         for split, per_channel, retarget in VARIANTS:
-            step_export.SPLIT_HEAD, step_export._PER_CHANNEL, step_model.RETARGET_STATES = split, per_channel, retarget
-            r = tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent="step")
+            step_export._PER_CHANNEL, step_model.RETARGET_STATES = per_channel, retarget
+            r = tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent="step",
+                                   step_head="separate" if split else "joined")
             accuracy = float(np.mean(np.argmax(r.run_sequence(x_test, runtime="tflm"), -1) == y_test))
             v = {"split_head": split, "per_channel": per_channel, "retarget_states": retarget,
                  "file_bytes": r.report.recurrent["file_bytes"], "arena_bytes": r.report.tflm["arena_bytes"],
@@ -59,7 +60,7 @@ def main(argv=None):
             out["variants"].append(v)
             print(json.dumps({k: v[k] for k in v if "alloc" not in k}), flush=True)
     finally:
-        step_export.SPLIT_HEAD, step_export._PER_CHANNEL, step_model.RETARGET_STATES = defaults
+        step_export._PER_CHANNEL, step_model.RETARGET_STATES = defaults
     out["markdown"] = markdown(out)
     write_results(a.out, out)
     print(out["markdown"])

@@ -12,9 +12,10 @@ for the size goals of issue 14.
 
 Each trained model is exported with `tfs.export.convert(target="tflm")` in
 every form that applies: `unroll` (40 steps of plain int8 ops), `step` (one
-time step, the state carried by the caller; the head is a second model run
-once per sequence), `step_joined` (the same with the head inside the step
-model, run at every step: the ablation), `loop` (the float WHILE graph,
+time step, the state carried by the caller; `step_head="separate"`: the head
+is a second model run once per sequence), `step_joined` (the same with
+`step_head="joined"`, the head inside the step model, run at every step:
+`convert`'s default since it measured the smaller arena), `loop` (the float WHILE graph,
 `target="litert", quantize=None`: int8 of the loop does not convert) and
 `fused` (LSTMs: UNIDIRECTIONAL_SEQUENCE_LSTM via tf_keras in a child process;
 needs TF_SPARSITY_BASELINE_PYTHON). Per model and form: .tflite bytes (step:
@@ -43,7 +44,6 @@ import tf_sparsity as tfs  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 from tf_sparsity.export import recurrent, runtimes  # noqa: E402
-from tf_sparsity.export.recurrent import step_export  # noqa: E402
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -87,17 +87,15 @@ def tflm_accuracy_unrolled(blob, x, y, float_io=False):
 
 
 def export(model, form, x):
-    """`step_joined`: the step form with the head in the step model (run every step), for the ablation;
-    `loop`: float WHILE graph (int8 of the loop does not convert), exported for LiteRT, run on both."""
+    """`step`: the head as its own model (`step_head="separate"`); `step_joined`: the head in the step model
+    (`step_head="joined"`, the default); `loop`: float WHILE graph (int8 of the loop does not convert),
+    exported for LiteRT, run on both."""
     if form == "loop":
         return tfs.export.convert(model, target="litert", quantize=None, representative_data=x[:100],
                                   recurrent="loop")
-    if form == "step_joined":
-        step_export.SPLIT_HEAD = False
-        try:
-            return tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent="step")
-        finally:
-            step_export.SPLIT_HEAD = True
+    if form in ("step", "step_joined"):
+        return tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent="step",
+                                  step_head="joined" if form == "step_joined" else "separate")
     return tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent=form)
 
 

@@ -143,9 +143,8 @@ def _prune(args):
 
         model = low_rank_rnns(model)
         steps = max(1, args.epochs * int(np.ceil(len(train[0]) / args.batch_size)))
-        optimizer = keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(args.learning_rate or tfs.recipes.LOW_RANK_LEARNING_RATE, steps),
-                                          clipnorm=1.0)
-        callbacks = [tfs.callbacks.TargetSparsity(**given, end_fraction=0.5)]
+        optimizer = tfs.recipes.low_rank_optimizer(steps, args.learning_rate or tfs.recipes.LOW_RANK_LEARNING_RATE)
+        callbacks = [tfs.callbacks.TargetSparsity(**given, end_fraction=tfs.recipes.LOW_RANK_RAMP_END)]
     else:
         model = tfs.prune_at_init(model, args.method, **given, data=(train[0][:256], train[1][:256]),
                                   loss=loss, verbose=verbose)

@@ -46,6 +46,8 @@ def _methods(quick, epochs, steps_per_epoch):
         # Relative, exponential threshold steered from far below (see docs/low_rank.md).
         hidden = LowRankGRU(32, name="lowrank_gru", **recipes.LOW_RANK_STR)(inputs)
         model = keras.Model(inputs, keras.layers.Dense(10, name="logits")(hidden), name="lowrank_gru_net")
+        # Constant learning rate and the default ramp: measured better at 15 epochs than the
+        # benchmark's cosine + ramp to 0.5 (recipes.py, docs/benchmarks.md).
         return model, {"optimizer": recipes.low_rank_optimizer(),
                        "callbacks": [callbacks.TargetSparsity(0.75)]}, strip
 
@@ -147,7 +149,8 @@ def _export_all(model, label, x, out):
     tflm = export.convert(model, target="tflm", quantize="int8", representative_data=x[:200],
                           path=str(out / f"{stem}_tflm_int8.tflite"))
     # Recurrent models go to TFLM as one time step (recurrent="auto"), the state carried by the caller;
-    # the head is a second model run once per sequence: bytes and arena are the two models' sums.
+    # the head stays in the step model (step_head="joined": one interpreter, the smaller arena). With
+    # step_head="separate" file_bytes / arena_bytes would be the two models' sums.
     row["tflm_bytes"] = tflm.report.recurrent.get("file_bytes") or tflm.report.size_bytes
     row["tflm_arena_bytes"] = tflm.report.tflm.get("arena_bytes")
     row["tflm_form"] = tflm.report.recurrent.get("form")

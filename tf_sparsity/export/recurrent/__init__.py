@@ -7,9 +7,12 @@ the package's low-rank / FastGRNN / factorized cells):
 - **step** (the default for `tflm` and `edgetpu`): the model of *one* time
   step. Inputs `x` `[1, features]` and every state `[1, units]`; outputs
   every new state. The head (the layers after the last recurrent layer) is
-  a second model (`result.head`) run once per sequence on the final state
-  (it stays in the step model, output 0, when the last recurrent layer
-  returns sequences). Weights are stored once, factorized cells keep their
+  in the step model, output 0, run at every step (`step_head="joined"`,
+  the default: one interpreter, ~1 KB less TFLM arena than two), or with
+  `step_head="separate"` a second model (`result.head`) run once per
+  sequence on the final state (it stays in the step model when the last
+  recurrent layer returns sequences). Nothing after the last recurrent
+  layer: the output is its state. Weights are stored once, factorized cells keep their
   factors (U and V, not U·V), file and arena do not grow with the
   sequence. The firmware (or `result.run_sequence`) loops over the time
   steps and copies each new state back to its input. int8 states leave the
@@ -42,20 +45,24 @@ model), `sequences` (running and timing sequences, the C++ loop header),
 """
 
 from tf_sparsity.export.recurrent.fused import baseline_python, convert_fused
-from tf_sparsity.export.recurrent.plan import FORMS, METADATA_NAME, StepFormError, recurrent_layers, resolve, step_plan
+from tf_sparsity.export.recurrent.plan import (FORMS, METADATA_NAME, STEP_HEADS, StepFormError, recurrent_layers,
+                                              resolve, step_plan)
 from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, run_sequence, sequence_header, time_sequence
-from tf_sparsity.export.recurrent.step_export import convert_step
+from tf_sparsity.export.recurrent.step_export import check_step_head, convert_step
 from tf_sparsity.export.recurrent.step_model import describe, metadata
 
 __all__ = [
-    "FORMS", "METADATA_NAME", "RecurrentExportResult", "StepFormError", "baseline_python", "convert_form",
+    "FORMS", "METADATA_NAME", "RecurrentExportResult", "STEP_HEADS", "StepFormError", "baseline_python",
+    "check_step_head", "convert_form",
     "convert_fused", "convert_step", "describe", "metadata", "recurrent_layers", "resolve", "run_sequence",
     "sequence_header", "step_plan", "time_sequence",
 ]
 
 
-def convert_form(form, model, spec, quantize, representative_data, path, verify, **kwargs):
-    """`convert`'s call-out for the forms this module builds ("step", "fused")."""
+def convert_form(form, model, spec, quantize, representative_data, path, verify, step_head="joined", **kwargs):
+    """`convert`'s call-out for the forms this module builds ("step", "fused"); `step_head` is the step form's."""
     if form == "step":
-        return convert_step(model, spec, quantize, representative_data, path, verify, **kwargs)
+        return convert_step(model, spec, quantize, representative_data, path, verify, step_head=step_head, **kwargs)
+    if step_head != "joined":
+        kwargs["report"].notes.append(f"step_head={step_head!r} ignored: it applies to the step form only")
     return convert_fused(model, spec, quantize, representative_data, path, verify, **kwargs)

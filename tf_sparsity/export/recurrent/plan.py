@@ -10,6 +10,10 @@ from tf_sparsity.export.errors import ExportError
 from tf_sparsity import _compat
 
 FORMS = ("auto", "step", "loop", "fused", "unroll")
+# Where the step form puts the head (the layers after the last recurrent layer):
+# "joined" in the step model, run every step (one interpreter: the smaller TFLM
+# arena, measured ~1 KB less), or "separate", a second model run once per sequence.
+STEP_HEADS = ("joined", "separate")
 METADATA_NAME = "tf_sparsity.recurrent"
 # Calibration samples (one time step each) for the int8 step model.
 _MAX_CALIBRATION_STEPS = 800

@@ -16,8 +16,8 @@ from tf_sparsity.export import verify as verify_stage
 from tf_sparsity.export.outputs import write_outputs
 from tf_sparsity.export.atomic import atomic_write
 from tf_sparsity.export.c_array import write_c_array
-from tf_sparsity.export.recurrent.plan import (_MAX_CALIBRATION_STEPS, _PER_CHANNEL, head_state, recurrent_layers,
-                                              step_function, step_plan)
+from tf_sparsity.export.recurrent.plan import (_MAX_CALIBRATION_STEPS, _PER_CHANNEL, STEP_HEADS, head_state,
+                                              recurrent_layers, step_function, step_plan)
 from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, _agreement, run_sequence, sequence_header
 from tf_sparsity.export.recurrent.step_model import _calibration_steps, _rollout, build_step
 
@@ -26,11 +26,12 @@ from tf_sparsity.export.recurrent.step_model import _calibration_steps, _rollout
 # convert(..., recurrent="step")
 
 def convert_step(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
-                 calibration_steps, verify_samples, batch_size, compress, report, reason):
+                 calibration_steps, verify_samples, batch_size, compress, report, reason, step_head="joined"):
     """The step-form branch of `tfs.export.convert` (arguments as there)."""
     from tf_sparsity.export.inspection import inspect
 
     target = spec.name
+    check_step_head(step_head)
     if batch_size != 1:
         raise ValueError(f"recurrent='step' exports batch 1 (one sequence at a time); received batch_size={batch_size!r}.")
     prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes)
@@ -51,7 +52,11 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
             f"{plan.features}) such as x_train[:100]. Every time step of them calibrates the int8 ranges of the "
             "inputs, the states and the activations.")
     step = step_function(plan)
-    plan.head_state = head_state(plan) if SPLIT_HEAD else None
+    plan.head_state = _head_state(plan, step_head)
+    if step_head == "separate" and plan.head_state is None:
+        report.notes.append("step_head='separate': the head stays in the step model (run every step): the last "
+                            "recurrent layer " + ("returns sequences" if plan.sequence_output else
+                                                  "outputs none of its states"))
     calibration = []
     if quantize == "int8":
         _, recorded = _rollout(step, plan, sequences[:calibration_steps], record=True)
@@ -138,9 +143,25 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
                                  c_files=tuple(c_paths), head=head)
 
 
-# The head (layers after the last recurrent layer) is a separate model run once per sequence
-# when the last recurrent layer's output is one of its states (module constant for ablations).
-SPLIT_HEAD = True
+def check_step_head(step_head):
+    """One clear error for a bad `step_head` (`convert`'s argument)."""
+    if step_head not in STEP_HEADS:
+        raise ValueError(f"`step_head` must be one of {STEP_HEADS} (where the step form puts the layers after the "
+                         f"last recurrent layer: in the step model, or a second model run once per sequence); "
+                         f"received {step_head!r}.")
+
+
+def _head_state(plan, step_head):
+    """The state the separate head model reads, or None: the head stays in the step model.
+
+    "separate": the last recurrent layer's output state (None when it returns
+    sequences or its output is no state). "joined": None, except when nothing
+    follows the last recurrent layer: then the output *is* that state and
+    the step model outputs it once (no head model in either case).
+    """
+    if step_head == "separate" or _after_last_rnn(plan) == len(plan.chain):
+        return head_state(plan)
+    return None
 
 
 def _after_last_rnn(plan):
