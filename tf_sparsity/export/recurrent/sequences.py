@@ -237,7 +237,7 @@ def sequence_header(meta, stem, model_symbol=None):
         "// whole sequence on tflite-micro, carrying the recurrent state between invokes.",
         "//",
         "// The model is ONE time step: input 0 is x_t [1, features]; inputs 1..S are the states;",
-        (f"// outputs 0..S-1 are the new states" if split else
+        ("// outputs 0..S-1 are the new states" if split else
          "// output 0 is the head's output, outputs 1..S the new states") +
         " (same shapes and, for int8,",
         "// the same quantization as the state inputs, so carrying a state is a memcpy).",
