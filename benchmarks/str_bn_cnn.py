@@ -3,6 +3,8 @@
     # issue 16 (docs/benchmarks.md): one process per seed S = 0, 1, 2, then merged
     python benchmarks/str_bn_cnn.py --seed-list S --epochs 12 --methods paper-regime str-learned shared \
         --decay-gains 3 --paper-st-decays 0.03 0.05 --trace --out /tmp/str_test_seedS.json
+    TFS_BASELINE_PYTHON=/work/venv-baseline/bin/python \
+        python benchmarks/str_bn_cnn.py --seed-list S --epochs 12 --no-dense --methods tfmot --out /tmp/tfmot_seedS.json
     python benchmarks/str_bn_cnn.py --merge /tmp/str_test_seed0.json ... --out benchmarks/results/str_bn_cnn.json
     python benchmarks/str_bn_cnn.py --seeds 1 --epochs 12 --validation --targets 0.95 \
         --methods str-learned --decay-gains 1 3 --out /tmp/str_bn_tune.json   # tuning, validation split
@@ -24,7 +26,9 @@ Rows (`--methods`):
 - `shared`: "shared-threshold soft pruning": `learn_threshold=False`, one
   threshold level steered by the offset.
 - `tfmot`: `prune_low_magnitude` + `PolynomialDecay`, own process
-  (`TFS_BASELINE_PYTHON`).
+  (`TFS_BASELINE_PYTHON`, a venv with the `baseline` extra); the same model,
+  recipe and ramp in tf_keras, BatchNorm recalibrated the same way
+  (`_tfmot_worker.py --recalibrate-bn`).
 - `paper-regime`: the paper's schedule: `s_init=--paper-s-init` (sigmoid
   gradient exactly 0), sparsity from the decay on `s` alone
   (`threshold_decay=--paper-st-decay`), no steering; one row, whatever
@@ -52,7 +56,7 @@ NAMES = {
     "str-learned": "STR (learned per-layer thresholds, the paper), decay-steered",
     "str-learned-offset": "STR (learned per-layer thresholds), offset-steered",
     "shared": "shared-threshold soft pruning",
-    "tfmot": "tfmot magnitude",
+    "tfmot": "tfmot magnitude pruning (prune_low_magnitude + PolynomialDecay)",
     "paper-regime": "STR (learned per-layer thresholds, the paper), paper regime: s_init -3200, decay alone, no steering",
 }
 
@@ -142,7 +146,8 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None):
 
 def run_tfmot(target, seed, npz, a):
     r = run_tfmot_worker("--data", npz, "--sparsity", target, "--seed", seed, "--epochs", a.epochs,
-                         "--weight-decay", a.weight_decay, "--end-fraction", a.end_fraction, "--model", "cnn_bn")
+                         "--weight-decay", a.weight_decay, "--end-fraction", a.end_fraction, "--model", "cnn_bn",
+                         "--recalibrate-bn")
     r["macs_ratio"] = None  # uniform per-layer sparsity: MACs ratio = 1 - target on these layers
     return r
 
@@ -173,7 +178,8 @@ def main():
 
         parts = [json.loads(pathlib.Path(f).read_text()) for f in a.merge]
         rows = [r for part in parts for r in part["rows"]]
-        write_results(a.out, {"args": parts[0]["args"], "merged": a.merge, "rows": rows})
+        merged = [m for f, part in zip(a.merge, parts) for m in part.get("merged", [f])]  # keep the provenance
+        write_results(a.out, {"args": parts[0]["args"], "merged": merged, "rows": rows})
         print(table(rows))
         print(trace_table(rows))
         print(trace_table(rows, "paper-regime"))
