@@ -6,7 +6,7 @@
 >>> tfs.summary(sparse); plain = tfs.strip(sparse)             # doctest: +SKIP
 
 Public: the functions below and the modules `layers`, `callbacks`,
-`optimizers`, `pruning`, `export`, `distribute`, `recipes`, `schedules`, `budget`,
+`optimizers`, `pruning`, `export`, `distribute`, `recipes`, `schedules`, `budget`, `batchnorm`,
 `datasets`, `zoo`, `ops`, `summarize` (the `tfs.summary` machinery; its row
 types are in `report`), `protocols` (the contracts a new layer implements)
 and `collapse`. Everything else (`_compat`, `surgery`, `prunable`, `steering`,
