@@ -122,21 +122,26 @@ class ChannelCoupling:
     def magnitudes(self, wrapper):
         """(RMS of each unit `wrapper` touches, its own entries zeroed with it), NumPy.
 
-        A kernel thresholded on both axes counts each entry half on each, so
-        the sizes add up to the kernel's size (an entry in two dead units is
-        then counted once per unit: steering errs slightly towards zeros).
+        An entry dies with the first of its row and column units to die;
+        under one threshold that is the unit of smaller RMS, so each entry is
+        counted under that unit and the counts are exact for a shared
+        threshold (and close when the layers' thresholds differ).
         """
         plan = self._plan(wrapper)
         if plan is None:
             return np.zeros(0, "float32"), np.zeros(0)
         _, rms = self._factors(wrapper, plan)
-        sizes = np.zeros(len(plan.units) + 1)
+        rms = ops.convert_to_numpy(rms)
+        n = len(plan.units)
+        # Index n is "no unit here": infinitely large, so the other axis's unit takes the entry.
+        padded = np.concatenate([rms.astype("float64"), [np.inf]])
+        sizes = np.zeros(n + 1)
         for kernel, (rows, cols) in zip(wrapper.kernels, plan.own):
-            axes = [(a, ids) for a, ids in ((-2, rows), (-1, cols)) if (ids < len(plan.units)).any()]
-            for axis, ids in axes:
-                sizes += np.bincount(ids, minlength=len(sizes)) * (
-                    int(np.prod(kernel.shape)) / kernel.shape[axis] / len(axes))
-        return ops.convert_to_numpy(rms), sizes[:-1]
+            per_entry = int(np.prod(kernel.shape)) / (kernel.shape[-2] * kernel.shape[-1])
+            row_first = padded[rows][:, None] <= padded[cols][None, :]
+            sizes += np.bincount(rows, weights=row_first.sum(axis=1) * per_entry, minlength=n + 1)
+            sizes += np.bincount(cols, weights=(~row_first).sum(axis=0) * per_entry, minlength=n + 1)
+        return rms, sizes[:n]
 
 
 def couple_channels(model):
