@@ -6,6 +6,7 @@ from keras import ops
 from tf_sparsity import surgery
 from tf_sparsity.budget import resolve_budget
 from tf_sparsity.logs import publish
+from tf_sparsity.protocols import DecaySteerable
 from tf_sparsity.collapse import LayerCollapseError, LayerCollapseWarning, check_on_collapse, report_collapse
 from tf_sparsity.schedules import PolynomialRamp
 from tf_sparsity.steering import DecayController, current_sparsity, solve_threshold_offset, steerables
@@ -173,15 +174,14 @@ class TargetSparsity(keras.callbacks.Callback):
     def _mode(self):
         if self.steer != "auto":
             return self.steer
-        decay = all(getattr(w, "learn_threshold", False) and getattr(w, "s_decay", 0)
-                    and hasattr(w, "threshold_decay_scale") for w in self.wrappers)
+        decay = all(isinstance(w, DecaySteerable) and w.learn_threshold and w.s_decay for w in self.wrappers)
         return "decay" if decay else "offset"
 
     def on_train_begin(self, logs=None):
         self.wrappers = self._wrappers()
         self.mode = self._mode()
         if self.mode == "decay":
-            bad = [w.steering_name for w in self.wrappers if not hasattr(w, "threshold_decay_scale")]
+            bad = [w.steering_name for w in self.wrappers if not isinstance(w, DecaySteerable)]
             if bad:
                 raise ValueError(f"`steer='decay'` needs SoftThreshold wrappers; {bad} have no decay on `s`.")
             self._controller = DecayController(self.decay_gain)

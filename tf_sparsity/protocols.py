@@ -10,7 +10,7 @@ Recurrent layers are looked through generically: a `keras.layers.RNN` whose
 
 from typing import Protocol, runtime_checkable
 
-__all__ = ["StrippableLayer", "StrippableCell", "ReportsSummary", "Steerable", "HoldsSteerables"]
+__all__ = ["StrippableLayer", "StrippableCell", "ReportsSummary", "Steerable", "DecaySteerable", "HoldsSteerables"]
 
 
 @runtime_checkable
@@ -61,6 +61,18 @@ class Steerable(Protocol):
 
     def threshold_magnitudes(self):
         ...
+
+
+@runtime_checkable
+class DecaySteerable(Steerable, Protocol):
+    """A `Steerable` whose `s` also carries its own coupled decay, which
+    `TargetSparsity(steer="decay")` steers through `threshold_decay_scale`
+    instead of the common offset (`SoftThreshold`)."""
+
+    learn_threshold: bool
+    s_decay: float
+    threshold_lr_scale: float
+    threshold_decay_scale: object
 
 
 @runtime_checkable

@@ -237,6 +237,7 @@ class SynFlowNetwork:
         self._index = {k: i for i, k in enumerate(self.kernel_keys)}
         self._fns = {}
         self._values = {}
+        self.float64_rounds = 0  # rounds `needs_float64` sent to the float64 path
         if self.supported:
             self._cache_values(model)
             by_name = {l.name: l for l in prunable.iter_layers(model)}
@@ -423,7 +424,7 @@ class SynFlowNetwork:
             a list of score arrays (the scaled scores are the true ones
             times `2**-log2_scale`, one constant for all).
         """
-        masks = [np.asarray(m.numpy() if hasattr(m, "numpy") else m) for m in masks]
+        masks = [keras.ops.convert_to_numpy(m) for m in masks]
         ws = self.weights(masks, dtype)
         grads, e, total = self.gradients(ws, dtype)
         scores = [np.abs(g * w) for g, w in zip(grads, ws)]
@@ -493,7 +494,7 @@ def round_scores(net, masks, fast=True, keep=None):
         return net.scores(masks, "float64", true_scale=True)
     scores, info = net.scores(masks, "float32", return_info=True)
     if needs_float64(info, keep):
-        net.float64_rounds = getattr(net, "float64_rounds", 0) + 1
+        net.float64_rounds += 1
         return net.scores(masks, "float64")
     return scores
 
@@ -531,7 +532,7 @@ def alive_scores(net, ws, masks, alive, keep=None):
     bad = 0 if math.isfinite(total) else sum(int(np.count_nonzero(~np.isfinite(s))) for s in out)
     info = {"small": small, "alive": sum(int(idx.size) for idx in alive), "nonfinite": bad}
     if needs_float64(info, keep):
-        net.float64_rounds = getattr(net, "float64_rounds", 0) + 1
+        net.float64_rounds += 1
         full = net.scores(masks, "float64")
         out = [s.reshape(-1) if idx.size == s.size else s.reshape(-1)[idx] for s, idx in zip(full, alive)]
     return out
