@@ -8,9 +8,10 @@ a choice of units; `dead_units` / `prune_dead_units` find and remove the units
 no consumer reads (what `tfs.strip` does after channel-STR).
 """
 
+import keras
 import numpy as np
 
-from tf_sparsity import _compat
+from tf_sparsity import _compat, prunable
 from tf_sparsity.summarize import summary
 from tf_sparsity.surgery.graph import map_layers
 from tf_sparsity.surgery.groups import channel_groups
@@ -294,7 +295,7 @@ def dead_units(groups):
     for layer, kind, inp, _ in groups.layers.values():
         if kind != "producer":
             continue
-        kernel = np.asarray(layer.get_weights()[0])
+        kernel = keras.ops.convert_to_numpy(prunable.prunable_kernels(layer)[0])  # reads the input channels
         rows = np.any(np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1) != 0, axis=1)
         read.update(int(r) for r in groups.root(inp)[rows])
     keep = {}
