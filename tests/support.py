@@ -66,3 +66,21 @@ def assert_same_state(a, b, rtol=1e-5, atol=1e-6, optimizer=False):
     if optimizer:
         for x, y in zip(a.optimizer.variables, b.optimizer.variables, strict=True):
             np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=rtol, atol=atol, err_msg=x.path)
+
+
+def fit_single_and_mirrored(build, strategy, x, y, epochs=2, batch_size=64, **fit_kwargs):
+    """Train `build()` once on one device and once under a 2-replica `strategy`.
+
+    Both runs see the same batches in the same order (no shuffling); `fit_kwargs`
+    (callbacks, say) go to the mirrored run only. Returns (single, mirrored).
+    """
+    import tensorflow as tf
+
+    assert len(tf.config.list_logical_devices("CPU")) >= 2
+    assert strategy.num_replicas_in_sync == 2
+    single = build()
+    single.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0)
+    with strategy.scope():
+        mirrored = build()
+    mirrored.fit(x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0, **fit_kwargs)
+    return single, mirrored

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tf_sparsity as tfs
 from tf_sparsity.optimizers import GlobalSparseMomentum, GSMMonitor, final_prune
-from support import assert_same_state
+from support import assert_same_state, fit_single_and_mirrored
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -318,9 +318,6 @@ def test_resume_from_keras_file_continues_the_same_trajectory(mnist1d_data, tmp_
 @pytest.mark.slow
 def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy):
     (x, y), _ = mnist1d_data
-    x, y = x[:256], y[:256]
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2
 
     def build():
         keras.utils.set_random_seed(3)
@@ -328,13 +325,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy
         model.compile(GlobalSparseMomentum(0.01, momentum=0.9, nesterov=True, compression=10), LOSS)
         return model
 
-    single = build()
-    single.fit(x, y, epochs=2, batch_size=64, shuffle=False, verbose=0)
-    strategy = mirrored_strategy
-    assert strategy.num_replicas_in_sync == 2
-    with strategy.scope():
-        mirrored = build()
-    mirrored.fit(x, y, epochs=2, batch_size=64, shuffle=False, verbose=0)
+    single, mirrored = fit_single_and_mirrored(build, mirrored_strategy, x[:256], y[:256])
     assert_same_state(single, mirrored, atol=1e-5)
     # Every replica applied the same global mask (its size per layer agrees
     # on both replicas and with the single-device run).
