@@ -9,7 +9,7 @@ Public: the functions below and the modules `layers`, `callbacks`,
 `optimizers`, `pruning`, `export`, `distribute`, `recipes`, `schedules`, `budget`, `batchnorm`,
 `datasets`, `zoo`, `ops`, `summarize` (the `tfs.summary` machinery; its row
 types are in `report`), `protocols` (the contracts a new layer implements)
-and `collapse`. Everything else (`_compat`, `surgery`, `prunable`, `steering`,
+and `collapse`. `surgery.channel_groups` / `surgery.prune_groups` are public too. Everything else (`_compat`, the rest of `surgery`, `prunable`, `steering`,
 `layer_copy`, `logs`, `experiments`, `demo`, `cli`, `plots`) is internal and
 may change.
 """
