@@ -27,6 +27,10 @@
    - tfmot: `prune_low_magnitude` ramped over the first 70%, in its own
      process (`_tfmot_worker.py`, needs the `baseline` extra).
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
+   `--gsm-batch-size` (128) sets the batch of the GSM phase, its control and
+   the baselines: GSM's decay budget `eta * sum(lr) / (1 - beta)` counts
+   steps, so batch 32 gives MNIST-1D's 8k samples about the steps per epoch
+   of MNIST at the official batch 256 (the budget is printed and saved).
 """
 
 import os
