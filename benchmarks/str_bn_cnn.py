@@ -26,6 +26,8 @@ Rows (`--methods`):
   `threshold_gradient="mean"` (the loss gradient on each `s` divided by the
   layer's kernel entry count) and `threshold_lr_scale` from
   `--threshold-lr-scales`.
+- `str-sqrt`: the same with `threshold_gradient="sqrt"` (divided by the
+  square root of the entry count).
 - `str-learned-offset`: the same thresholds steered by a common offset
   (the package's old steering; an ablation).
 - `shared`: "shared-threshold soft pruning": `learn_threshold=False`, one
@@ -56,12 +58,14 @@ import tensorflow as tf  # noqa: E402  (threshold-gradient probe)
 import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 
-LEARNED = ("str-learned", "str-mean", "str-learned-offset")
+LEARNED = ("str-learned", "str-mean", "str-sqrt", "str-learned-offset")
+GRADIENT = {"str-mean": "mean", "str-sqrt": "sqrt"}  # threshold_gradient of each row (default "sum")
 NAMES = {
     "dense": "dense",
     "str-learned": "STR (learned per-layer thresholds, the paper), decay-steered",
     "str-learned-offset": "STR (learned per-layer thresholds), offset-steered",
     "str-mean": "STR, learned per-layer thresholds, per-weight (mean) threshold gradient (our variant), decay-steered",
+    "str-sqrt": "STR, learned per-layer thresholds, threshold gradient / sqrt(layer size) (our variant), decay-steered",
     "shared": "shared-threshold soft pruning",
     "tfmot": "tfmot magnitude pruning (prune_low_magnitude + PolynomialDecay)",
     "paper-regime": "STR (learned per-layer thresholds, the paper), paper regime: s_init -3200, decay alone, no steering",
@@ -127,8 +131,8 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.
     else:
         model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(), s_init=a.s_init, weight_decay=a.weight_decay,
                                    learn_threshold=kind != "shared", threshold_lr_scale=lr_scale,
-                                   threshold_gradient="mean" if kind == "str-mean" else "sum")
-        steer = "decay" if kind in ("str-learned", "str-mean") else "offset"
+                                   threshold_gradient=GRADIENT.get(kind, "sum"))
+        steer = "decay" if kind in ("str-learned", "str-mean", "str-sqrt") else "offset"
         callbacks = [tfs.callbacks.TargetSparsity(target, end_fraction=a.end_fraction, steer=steer,
                                                   decay_gain=gain or a.decay_gains[0])]
     trace = ThresholdTrace(*data[0], *data[1]) if kind != "dense" and a.trace else None
@@ -218,7 +222,7 @@ def main():
                 for kind in a.methods:
                     if kind == "paper-regime":
                         continue
-                    for gain, lr_scale in [(g, c) for g in (a.decay_gains if kind in ("str-learned", "str-mean")
+                    for gain, lr_scale in [(g, c) for g in (a.decay_gains if kind in ("str-learned", "str-mean", "str-sqrt")
                                                              else [None])
                                            for c in (a.threshold_lr_scales if kind in LEARNED else [1.0])]:
                         r = run_tfmot(target, seed, npz, a) if kind == "tfmot" else run_keras(kind, target, seed, data,

@@ -12,7 +12,7 @@ from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 
 
 GRANULARITIES = ("weight", "block", "channel")
-THRESHOLD_GRADIENTS = ("sum", "mean")
+THRESHOLD_GRADIENTS = ("sum", "mean", "sqrt")
 
 
 @keras.saving.register_keras_serializable(package="tf_sparsity")
@@ -57,7 +57,8 @@ class SoftThreshold(KernelWrapper):
             that loss gradient is divided by the layer's kernel entry count
             (a per-weight average), so layers of different sizes learn their
             thresholds at comparable rates; the decay on `s` is unchanged.
-            Combine with `threshold_lr_scale` to set the overall rate.
+            "sqrt" (our variant) divides it by the square root of that count
+            (how a sum of uncorrelated per-weight terms grows). Combine with `threshold_lr_scale` to set the overall rate.
         threshold_fn: "sigmoid", "exponential", or a serializable callable.
         granularity: "weight" (the paper), "block" (groups of `block_shape`
             along the kernel's last two axes, (in, out); the default (4, 1)
@@ -168,11 +169,13 @@ class SoftThreshold(KernelWrapper):
 
     def _logit(self, loss_path=False):
         # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged);
-        # on the loss path also by 1 / (kernel entries) for threshold_gradient="mean".
+        # on the loss path also by 1 / (kernel entries) for threshold_gradient="mean"
+        # (1 / sqrt(entries) for "sqrt").
         s = self.threshold_logit
         c = self.threshold_lr_scale
-        if loss_path and self.threshold_gradient == "mean":
-            c = c / max(1, sum(int(np.prod(kernel.shape)) for kernel in self.kernels))
+        if loss_path and self.threshold_gradient != "sum":
+            entries = max(1, sum(int(np.prod(kernel.shape)) for kernel in self.kernels))
+            c = c / (entries if self.threshold_gradient == "mean" else math.sqrt(entries))
         if c == 1.0:
             return s
         return c * s + ops.stop_gradient((1.0 - c) * s)

@@ -40,9 +40,9 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             `--st-decay`); None = `weight_decay`.
         threshold_lr_scale: gradient scale on each `s` (an `s` learning-rate
             scale under SGD; no effect under Adam). See `SoftThreshold`.
-        threshold_gradient: "sum" (the paper) or "mean" (the loss gradient
-            on each `s` divided by its layer's kernel entry count; our
-            variant). See `SoftThreshold`.
+        threshold_gradient: "sum" (the paper), "mean" or "sqrt" (the loss
+            gradient on each `s` divided by its layer's kernel entry count or
+            its square root; our variants). See `SoftThreshold`.
         channel_groups: with `granularity="channel"`, threshold channel
             dependency groups (`tfs.surgery.channel_groups`: channels tied
             by residual adds, depthwise convs, concats, squeeze-excite) as
