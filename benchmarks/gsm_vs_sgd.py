@@ -27,6 +27,10 @@
    - tfmot: `prune_low_magnitude` ramped over the first 70%, in its own
      process (`_tfmot_worker.py`, needs the `baseline` extra).
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
+   `--gsm-batch-size` (128) sets the batch of the GSM phase, its control and
+   the baselines: GSM's decay budget `eta * sum(lr) / (1 - beta)` counts
+   steps, so batch 32 gives MNIST-1D's 8k samples about the steps per epoch
+   of MNIST at the official batch 256 (the budget is printed and saved).
 """
 
 import os
@@ -143,7 +147,8 @@ def run_dense_continued(seed, data, a, weights):
     keras.utils.set_random_seed(seed)
     model = MODELS[a.model](weight_decay=a.gsm_weight_decay)  # coupled L2 on the kernels
     model.set_weights(weights)
-    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a))
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a),
+                              batch_size=a.gsm_batch_size)
     return {"accuracy": result["accuracy"], "accuracy_pruned": result["accuracy"], "sparsity": 0.0,
             "seconds_per_step": result["seconds_per_step"]}
 
@@ -152,7 +157,7 @@ def _gsm_schedule(data, a):
     """The GSM phase's learning rate: cosine to 0, or the official code's
     linear warm-up then x0.1 steps (`--gsm-schedule step`; LeNet-300: at
     epochs 160/200/240 of 280, i.e. at 4/7, 5/7, 6/7 of training)."""
-    per_epoch = int(np.ceil(len(data[0][0]) / 128))
+    per_epoch = _steps_per_epoch(data, a)
     steps = a.gsm_epochs * per_epoch
     if a.gsm_schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(a.gsm_lr, steps)
@@ -163,6 +168,19 @@ def _gsm_schedule(data, a):
     if not warmup:
         return step_lr
     return _Warmup(step_lr, warmup)
+
+
+def _steps_per_epoch(data, a):
+    """Steps per epoch of the GSM phase (and of every row trained alongside it) at `--gsm-batch-size`."""
+    return int(np.ceil(len(data[0][0]) / a.gsm_batch_size))
+
+
+def decay_budget(data, a):
+    """GSM's decay budget `eta * sum(lr) / (1 - beta)` over the GSM phase (docs/gsm.md)."""
+    schedule = _gsm_schedule(data, a)
+    steps = a.gsm_epochs * _steps_per_epoch(data, a)
+    lrs = keras.ops.convert_to_numpy(schedule(keras.ops.arange(steps, dtype="float32")))
+    return float(a.gsm_weight_decay * np.sum(lrs) / (1.0 - a.gsm_momentum))
 
 
 @keras.saving.register_keras_serializable(package="benchmarks")
@@ -193,7 +211,8 @@ def run_magnitude_finetune(compression, seed, data, a, weights):
     dense.set_weights(weights)
     model = tfs.prune_at_init(dense, "magnitude", compression=compression, verbose=0, on_collapse="ignore")
     _, acc0 = _evaluate(model, data)
-    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a))
+    result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a),
+                              batch_size=a.gsm_batch_size)
     report = tfs.summary(tfs.strip(model), print_fn=None)
     return {"accuracy": None, "accuracy_no_finetune": acc0, "accuracy_pruned": result["accuracy"],
             "sparsity": report.sparsity,
@@ -215,7 +234,7 @@ def run_tfmot(compression, seed, data, a, weights, workdir):
     np.savez(npz, x=x, y=y, x_test=xt, y_test=yt, **{f"w{i}": w for i, w in enumerate(weights)})
     r = run_tfmot_worker("--data", npz, "--model", a.model, "--init-weights", "--sparsity", 1 - 1 / compression,
                          "--seed", seed, "--epochs", a.gsm_epochs, "--lr", a.gsm_lr, "--momentum", "0.99",
-                         "--weight-decay", a.gsm_weight_decay)
+                         "--weight-decay", a.gsm_weight_decay, "--batch-size", a.gsm_batch_size)
     return {"accuracy": None, "accuracy_pruned": r["accuracy"], "sparsity": r["sparsity"],
             "seconds_per_step": r["seconds_per_step"]}
 
@@ -228,9 +247,9 @@ def run_gsm(compression, seed, data, a, weights=None, threshold_method="histogra
     opt = GlobalSparseMomentum(_gsm_schedule(data, a), momentum=a.gsm_momentum, nesterov=True,
                                weight_decay=a.gsm_weight_decay, compression=compression,
                                threshold_method=threshold_method, decay_scope=a.gsm_decay_scope,
-                               ramp_steps=a.gsm_ramp_epochs * int(np.ceil(len(data[0][0]) / 128)))
+                               ramp_steps=a.gsm_ramp_epochs * _steps_per_epoch(data, a))
     result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=opt,
-                              callbacks=[GSMMonitor()])
+                              callbacks=[GSMMonitor()], batch_size=a.gsm_batch_size)
     active = opt.active_fractions()
     magnitudes = np.sort(np.concatenate([np.abs(v.numpy()).ravel() for v in opt.pool_variables]))[::-1]
     final_prune(model)
@@ -334,6 +353,9 @@ def main():
     p.add_argument("--gsm-schedule", choices=["cosine", "step"], default="cosine",
                    help="GSM phase lr: cosine, or the official warm-up + x0.1 at 4/7, 5/7, 6/7")
     p.add_argument("--gsm-warmup-epochs", type=int, default=0, help="linear warm-up (step schedule only)")
+    p.add_argument("--gsm-batch-size", type=int, default=128,
+                   help="batch size of the GSM phase, its dense control and the baselines (the dense "
+                        "pre-training stays at 128); smaller batches give more steps, hence more decay budget")
     p.add_argument("--gsm-ramp-epochs", type=int, default=0, help="GSM ramp_steps, in epochs")
     p.add_argument("--validation", action="store_true",
                    help="hold out the last 1/8 of the training split and report it instead of the test split")
@@ -378,6 +400,9 @@ def main():
         rows = []
         data = (train, test)
         workdir = tempfile.mkdtemp(prefix="gsm_bench_")
+        results["decay_budget"] = decay_budget(data, a)
+        results["gsm_steps"] = a.gsm_epochs * _steps_per_epoch(data, a)
+        print(f"GSM phase: {results['gsm_steps']} steps, decay budget {results['decay_budget']:.1f}", flush=True)
         for seed in a.seed_list or range(a.seeds):
             r, weights = run_dense(seed, data, a, a.epochs)
             rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))

@@ -21,6 +21,13 @@ Rows (`--methods`):
   `soft_threshold(learn_threshold=True)`, steered to the target by the
   decay on `s` (`TargetSparsity(steer="decay")`, no offset while training,
   one final offset to land on the target).
+- `str-mean`: "STR, learned per-layer thresholds, per-weight (mean) threshold
+  gradient (our variant)": as `str-learned` with
+  `threshold_gradient="mean"` (the loss gradient on each `s` divided by the
+  layer's kernel entry count) and `threshold_lr_scale` from
+  `--threshold-lr-scales`.
+- `str-sqrt`: the same with `threshold_gradient="sqrt"` (divided by the
+  square root of the entry count).
 - `str-learned-offset`: the same thresholds steered by a common offset
   (the package's old steering; an ablation).
 - `shared`: "shared-threshold soft pruning": `learn_threshold=False`, one
@@ -51,10 +58,14 @@ import tensorflow as tf  # noqa: E402  (threshold-gradient probe)
 import tf_sparsity as tfs  # noqa: E402
 from tf_sparsity.experiments import train_classifier  # noqa: E402
 
+LEARNED = ("str-learned", "str-mean", "str-sqrt", "str-learned-offset")
+GRADIENT = {"str-mean": "mean", "str-sqrt": "sqrt"}  # threshold_gradient of each row (default "sum")
 NAMES = {
     "dense": "dense",
     "str-learned": "STR (learned per-layer thresholds, the paper), decay-steered",
     "str-learned-offset": "STR (learned per-layer thresholds), offset-steered",
+    "str-mean": "STR, learned per-layer thresholds, per-weight (mean) threshold gradient (our variant), decay-steered",
+    "str-sqrt": "STR, learned per-layer thresholds, threshold gradient / sqrt(layer size) (our variant), decay-steered",
     "shared": "shared-threshold soft pruning",
     "tfmot": "tfmot magnitude pruning (prune_low_magnitude + PolynomialDecay)",
     "paper-regime": "STR (learned per-layer thresholds, the paper), paper regime: s_init -3200, decay alone, no steering",
@@ -109,7 +120,7 @@ class ThresholdTrace(keras.callbacks.Callback):
         self.rows.append(row)
 
 
-def run_keras(kind, target, seed, data, a, gain=None, st_decay=None):
+def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.0):
     keras.utils.set_random_seed(seed)
     callbacks = []
     if kind == "dense":
@@ -119,8 +130,9 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None):
                                    threshold_decay=st_decay)
     else:
         model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(), s_init=a.s_init, weight_decay=a.weight_decay,
-                                   learn_threshold=kind != "shared")
-        steer = "decay" if kind == "str-learned" else "offset"
+                                   learn_threshold=kind != "shared", threshold_lr_scale=lr_scale,
+                                   threshold_gradient=GRADIENT.get(kind, "sum"))
+        steer = "decay" if kind in ("str-learned", "str-mean", "str-sqrt") else "offset"
         callbacks = [tfs.callbacks.TargetSparsity(target, end_fraction=a.end_fraction, steer=steer,
                                                   decay_gain=gain or a.decay_gains[0])]
     trace = ThresholdTrace(*data[0], *data[1]) if kind != "dense" and a.trace else None
@@ -135,7 +147,8 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None):
            "paper_st_decay": st_decay, "trace": trace.rows if trace else None,
            "macs_ratio": report.effective_flops / report.flops if report.flops else None,
            "layer_sparsity": {r.name: r.sparsity for r in report.layers if r.prunable},
-           "seconds_per_step": result["seconds_per_step"], "decay_gain": gain}
+           "seconds_per_step": result["seconds_per_step"], "decay_gain": gain,
+           "threshold_lr_scale": lr_scale if kind in LEARNED else None, "epochs": a.epochs}
     if kind != "dense":
         out["logits"] = {w.layer.name: float(w.threshold_logit) for w in tfs.surgery.wrappers(model)}
     if callbacks and getattr(callbacks[0], "mode", None) == "decay":
@@ -165,6 +178,8 @@ def main():
     p.add_argument("--s-init", type=float, default=-5.0)
     p.add_argument("--end-fraction", type=float, default=0.7)
     p.add_argument("--decay-gains", type=float, nargs="+", default=[1.0])
+    p.add_argument("--threshold-lr-scales", type=float, nargs="+", default=[1.0],
+                   help="threshold_lr_scale values for the learned rows (one row each)")
     p.add_argument("--paper-s-init", type=float, default=-3200.0)
     p.add_argument("--paper-st-decays", type=float, nargs="+", default=[1e-2],
                    help="threshold_decay values for the paper-regime row (one row each)")
@@ -207,12 +222,14 @@ def main():
                 for kind in a.methods:
                     if kind == "paper-regime":
                         continue
-                    for gain in (a.decay_gains if kind == "str-learned" else [None]):
+                    for gain, lr_scale in [(g, c) for g in (a.decay_gains if kind in ("str-learned", "str-mean", "str-sqrt")
+                                                             else [None])
+                                           for c in (a.threshold_lr_scales if kind in LEARNED else [1.0])]:
                         r = run_tfmot(target, seed, npz, a) if kind == "tfmot" else run_keras(kind, target, seed, data,
-                                                                                             a, gain)
+                                                                                             a, gain, lr_scale=lr_scale)
                         rows.append(dict(method=kind, target=target, seed=seed, **r))
                         write_results(a.out, {"args": vars(a), "rows": rows, "partial": True})
-                        print(f"seed {seed} {kind} {target} gain {gain} acc {r['accuracy']:.4f} "
+                        print(f"seed {seed} {kind} {target} gain {gain} lr-scale {lr_scale} acc {r['accuracy']:.4f} "
                               f"(as trained {r.get('accuracy_as_trained')}) "
                               f"sp {r['sparsity']:.4f} before-finish {r.get('sparsity_before_finish')} "
                               f"macs {r.get('macs_ratio')} {r.get('layer_sparsity')}", flush=True)
@@ -227,14 +244,17 @@ def table(rows):
              "sparsity | sparsity before final offset | "
              "effective MACs / dense | per-layer sparsity conv1/conv2/conv3/fc1/logits |",
              "|---|---|---|---|---|---|---|---|"]
+    def key(r):
+        return (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay"),
+                r.get("threshold_lr_scale") if r.get("threshold_lr_scale") not in (None, 1.0) else None,
+                r.get("epochs"))
+
     keys = []
     for r in rows:
-        k = (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay"))
-        if k not in keys:
-            keys.append(k)
-    for method, target, gain in keys:
-        group = [r for r in rows
-                 if (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay")) == (method, target, gain)]
+        if key(r) not in keys:
+            keys.append(key(r))
+    for method, target, gain, lr_scale, epochs in keys:
+        group = [r for r in rows if key(r) == (method, target, gain, lr_scale, epochs)]
         acc = np.array([r["accuracy"] for r in group]) * 100
         raw = [r["accuracy_as_trained"] for r in group if r.get("accuracy_as_trained") is not None]
         raw = f"{100 * np.mean(raw):.2f} ± {100 * np.std(raw):.2f}" if raw else "–"
@@ -244,7 +264,8 @@ def table(rows):
         layers = [r["layer_sparsity"] for r in group if r.get("layer_sparsity")]
         per = ("/".join(f"{100 * np.mean([l[n] for l in layers]):.0f}" for n in layers[0]) if layers else "–")
         knob = "threshold_decay" if method == "paper-regime" else "gain"
-        name = NAMES[method] + (f" ({knob} {gain:g})" if gain else "")
+        name = NAMES[method] + (f" ({knob} {gain:g})" if gain else "") + (
+            f" (threshold_lr_scale {lr_scale:g})" if lr_scale else "") + (f", {epochs} epochs" if epochs else "")
         lines.append(f"| {name} | {'-' if target is None else f'{target:.2f}'} | {acc.mean():.2f} ± {acc.std():.2f} "
                      f"(n={len(acc)}) | {raw} | {sp:.1f}% | {f'{100 * np.mean(before):.1f}%' if before else '–'} | "
                      f"{f'{np.mean(macs):.3f}' if macs else '–'} | {per} |")

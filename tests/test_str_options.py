@@ -35,6 +35,30 @@ def test_threshold_decay_and_lr_scale_act_on_s_only():
     assert _grad_on_s(layer, x) == pytest.approx(0.1 * (g_loss + 1.5 * (-2.0)), rel=1e-4)
 
 
+@pytest.mark.parametrize("mode, divisor", [("mean", 32.0), ("sqrt", 32.0 ** 0.5)])  # 8 x 4 entries
+def test_normalized_threshold_gradient_divides_the_loss_gradient(tmp_path, mode, divisor):
+    x = np.random.default_rng(0).normal(size=(4, 8)).astype("float32")
+    layers = {}
+    for name, gradient in (("sum", "sum"), ("mean", mode)):
+        keras.utils.set_random_seed(0)
+        layers[name] = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0, weight_decay=1e-3,
+                                                threshold_gradient=gradient, threshold_lr_scale=2.0)
+        layers[name](x)
+    layers["mean"].layer.kernel.assign(layers["sum"].layer.kernel)
+    np.testing.assert_allclose(layers["mean"](x), layers["sum"](x))  # the forward value is unchanged
+    decay = 2.0 * 1e-3 * (-2.0)                                       # the decay on s is not divided
+    g_loss = _grad_on_s(layers["sum"], x) - decay
+    assert _grad_on_s(layers["mean"], x) == pytest.approx(g_loss / divisor + decay, rel=1e-4)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    sparse = tfs.soft_threshold(model, s_init=-2.0, weight_decay=1e-3, threshold_gradient=mode)
+    path = tmp_path / "mean.keras"
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.layers[0].threshold_gradient == mode
+    np.testing.assert_allclose(loaded(x), sparse(x))
+    assert _grad_on_s(loaded.layers[0], x) == pytest.approx(_grad_on_s(sparse.layers[0], x), rel=1e-5)
+
+
 def test_options_serialize_and_round_trip(tmp_path):
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
     sparse = tfs.soft_threshold(model, weight_decay=1e-4, threshold_decay=2e-3, threshold_lr_scale=0.5)
@@ -56,6 +80,8 @@ def test_options_serialize_and_round_trip(tmp_path):
     (dict(threshold_decay=-1.0), "`threshold_decay`"),
     (dict(threshold_lr_scale=-1.0), "`threshold_lr_scale`"),
     (dict(threshold_lr_scale=float("nan")), "`threshold_lr_scale`"),
+    (dict(threshold_gradient="average"), "`threshold_gradient`"),
+    (dict(threshold_gradient=None), "`threshold_gradient`"),
 ])
 def test_bad_threshold_options(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -12,6 +12,7 @@ from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 
 
 GRANULARITIES = ("weight", "block", "channel")
+THRESHOLD_GRADIENTS = ("sum", "mean", "sqrt")
 
 
 @keras.saving.register_keras_serializable(package="tf_sparsity")
@@ -50,6 +51,14 @@ class SoftThreshold(KernelWrapper):
             `s` (0.1 = `s` learns 10x slower); under Adam/RMSprop, which
             normalize each variable's gradient, a constant scale cancels out
             (apart from `epsilon`) and does nothing.
+        threshold_gradient: "sum" (the paper): the loss gradient on `s` is
+            the sum over the layer's surviving kernel entries, so a large
+            layer pulls its threshold down hardest. "mean" (our variant):
+            that loss gradient is divided by the layer's kernel entry count
+            (a per-weight average), so layers of different sizes learn their
+            thresholds at comparable rates; the decay on `s` is unchanged.
+            "sqrt" (our variant) divides it by the square root of that count
+            (how a sum of uncorrelated per-weight terms grows). Combine with `threshold_lr_scale` to set the overall rate.
         threshold_fn: "sigmoid", "exponential", or a serializable callable.
         granularity: "weight" (the paper), "block" (groups of `block_shape`
             along the kernel's last two axes, (in, out); the default (4, 1)
@@ -75,13 +84,16 @@ class SoftThreshold(KernelWrapper):
     >>> layer = tfs.layers.SoftThreshold(keras.layers.Dense(4), s_init=-2.0)
     >>> tuple(layer(np.ones((1, 8), "float32")).shape)
     (1, 4)
+    >>> mean = tfs.layers.SoftThreshold(keras.layers.Dense(4), threshold_gradient="mean")
+    >>> mean.get_config()["threshold_gradient"]
+    'mean'
     """
 
     name_prefix = "str"
 
     def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
                  learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
-                 threshold_decay=None, threshold_lr_scale=1.0, **kwargs):
+                 threshold_decay=None, threshold_lr_scale=1.0, threshold_gradient="sum", **kwargs):
         if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
             raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -92,6 +104,9 @@ class SoftThreshold(KernelWrapper):
         if (not isinstance(threshold_lr_scale, (int, float)) or isinstance(threshold_lr_scale, bool)
                 or not math.isfinite(threshold_lr_scale) or threshold_lr_scale < 0):
             raise ValueError(f"`threshold_lr_scale` must be a finite number >= 0; received {threshold_lr_scale!r}.")
+        if threshold_gradient not in THRESHOLD_GRADIENTS:
+            raise ValueError(f"`threshold_gradient` must be one of {list(THRESHOLD_GRADIENTS)}; "
+                             f"received {threshold_gradient!r}.")
         if granularity not in GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}; received {granularity!r}.")
         block_shape = tuple(block_shape)
@@ -110,6 +125,7 @@ class SoftThreshold(KernelWrapper):
         self.learn_threshold = bool(learn_threshold)
         self.threshold_decay = None if threshold_decay is None else float(threshold_decay)
         self.threshold_lr_scale = float(threshold_lr_scale)
+        self.threshold_gradient = threshold_gradient
         # Set by `tfs.surgery.couple_channels` (model level, rebuilt on load):
         # "channel" granularity then thresholds channel dependency groups.
         self.coupling = None
@@ -151,17 +167,22 @@ class SoftThreshold(KernelWrapper):
             return
         super().load_own_variables(store)
 
-    def _logit(self):
-        # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged).
+    def _logit(self, loss_path=False):
+        # `s` with its gradient scaled by `threshold_lr_scale` (value unchanged);
+        # on the loss path also by 1 / (kernel entries) for threshold_gradient="mean"
+        # (1 / sqrt(entries) for "sqrt").
         s = self.threshold_logit
         c = self.threshold_lr_scale
+        if loss_path and self.threshold_gradient != "sum":
+            entries = max(1, sum(int(np.prod(kernel.shape)) for kernel in self.kernels))
+            c = c / (entries if self.threshold_gradient == "mean" else math.sqrt(entries))
         if c == 1.0:
             return s
         return c * s + ops.stop_gradient((1.0 - c) * s)
 
     def threshold(self):
         """The current threshold `g(s + offset)` (float32 scalar tensor)."""
-        return self.threshold_fn(self._logit() + self.threshold_offset)
+        return self.threshold_fn(self._logit(loss_path=True) + self.threshold_offset)
 
     @property
     def steering_name(self):
@@ -215,5 +236,6 @@ class SoftThreshold(KernelWrapper):
             shrink=self.shrink,
             threshold_decay=self.threshold_decay,
             threshold_lr_scale=self.threshold_lr_scale,
+            threshold_gradient=self.threshold_gradient,
         )
         return config

@@ -8,7 +8,8 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
                    learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
-                   threshold_decay=None, threshold_lr_scale=1.0, channel_groups=True):
+                   threshold_decay=None, threshold_lr_scale=1.0, channel_groups=True,
+                   threshold_gradient="sum"):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -39,6 +40,9 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             `--st-decay`); None = `weight_decay`.
         threshold_lr_scale: gradient scale on each `s` (an `s` learning-rate
             scale under SGD; no effect under Adam). See `SoftThreshold`.
+        threshold_gradient: "sum" (the paper), "mean" or "sqrt" (the loss
+            gradient on each `s` divided by its layer's kernel entry count or
+            its square root; our variants). See `SoftThreshold`.
         channel_groups: with `granularity="channel"`, threshold channel
             dependency groups (`tfs.surgery.channel_groups`: channels tied
             by residual adds, depthwise convs, concats, squeeze-excite) as
@@ -65,6 +69,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
             learn_threshold=learn_threshold, granularity=granularity, block_shape=block_shape,
             shrink=shrink, threshold_decay=threshold_decay, threshold_lr_scale=threshold_lr_scale,
+            threshold_gradient=threshold_gradient,
         ),
         skip=skip,
     )
