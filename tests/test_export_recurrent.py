@@ -297,3 +297,50 @@ def test_cli_prune_lowrank_makes_a_low_rank_rnn(tmp_path):
     pruned = keras.saving.load_model(tmp_path / "out.keras")
     cell = pruned.layers[0].cell
     assert type(cell).__name__ == "FactorizedGRUCell" and cell.recurrent_rank is not None and cell.recurrent_rank < 8
+
+
+def _dense_weight_scales(tflite):
+    """Number of scales of every int8 constant 2-D tensor (FULLY_CONNECTED weights) of a model."""
+    info = tfs.export.inspect(tflite)
+    return [1 if t.quantization["axis"] is None else len(t.quantization["scale"]) for t in info.tensors
+            if t.constant and t.dtype == "int8" and len(t.shape) == 2 and t.quantization]
+
+
+@pytest.mark.slow
+def test_weight_quantization_per_tensor_step_model_matches_keras():
+    model = chain(lr.LowRankGRU(8, max_rank=(None, 2)), keras.layers.Dense(3))
+    x = seqs()
+    per_channel = tfs.export.convert(model, target="tflm", representative_data=x)
+    per_tensor = tfs.export.convert(model, target="tflm", representative_data=x, weight_quantization="per_tensor")
+    assert per_channel.report.recurrent["weight_quantization"] == "per_channel"
+    assert per_tensor.report.recurrent["weight_quantization"] == "per_tensor"
+    assert max(_dense_weight_scales(per_channel.tflite)) > 1
+    assert set(_dense_weight_scales(per_tensor.tflite)) == {1}
+    # One output multiplier per op instead of one per output channel: less op data in the arena.
+    assert per_tensor.report.tflm["arena_bytes"] < per_channel.report.tflm["arena_bytes"]
+    got, want = per_tensor.run_sequence(x[:8]), np.asarray(model(x[:8]))
+    assert np.max(np.abs(got - want)) < 0.1 * max(1.0, np.max(np.abs(want)))
+
+
+def test_weight_quantization_is_checked_and_applies_to_plain_models():
+    model = chain(keras.layers.GRU(4), keras.layers.Dense(3))
+    with pytest.raises(ValueError, match="`weight_quantization` must be one of"):
+        tfs.export.convert(model, recurrent="step", weight_quantization="per_row")
+    dense = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), keras.layers.Dense(2)])
+    x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
+    result = tfs.export.convert(dense, target="litert", quantize="int8", representative_data=x, verify=False,
+                                weight_quantization="per_tensor")
+    assert set(_dense_weight_scales(result.tflite)) == {1}
+    floating = tfs.export.convert(dense, verify=False, weight_quantization="per_tensor")
+    assert any("weight_quantization='per_tensor' ignored" in n for n in floating.report.notes)
+
+
+def test_sequence_header_registers_the_ops():
+    meta = {"states": [{"layer": "gru", "index": 0, "size": 4, "zero_point": 0}], "steps": 5, "features": 2,
+            "input": {"dtype": "float32"}, "output": {"dtype": "float32"},
+            "op_names": ["ADD", "FULLY_CONNECTED", "LOGISTIC"]}
+    text = recurrent.sequences.sequence_header(meta, "m")
+    assert "inline TfLiteStatus m_add_ops(Resolver& resolver)" in text
+    for method in ("AddAdd", "AddFullyConnected", "AddLogistic"):
+        assert f"resolver.{method}() != kTfLiteOk" in text
+    assert recurrent.sequences.resolver_method("UNIDIRECTIONAL_SEQUENCE_LSTM") == "AddUnidirectionalSequenceLSTM"

@@ -10,7 +10,7 @@ from tf_sparsity import _compat, prunable, surgery
 from tf_sparsity.export import targets
 from tf_sparsity.protocols import StrippableCell
 
-__all__ = ["check_model", "check_quantize", "prepare"]
+__all__ = ["check_model", "check_quantize", "check_weight_quantization", "prepare"]
 
 
 def check_quantize(quantize, spec):
@@ -24,6 +24,17 @@ def check_quantize(quantize, spec):
             f"representative_data), not {quantize!r}. {spec.runtime} runs int8 kernels only"
             + (" on the TPU" if spec.name == "edgetpu" else "") + ".")
     return quantize
+
+
+def check_weight_quantization(weight_quantization, quantize, notes):
+    """One clear error for a bad `weight_quantization`; a note when it has no effect."""
+    if weight_quantization not in targets.WEIGHT_QUANTIZATION:
+        raise ValueError(
+            f"`weight_quantization` must be one of {targets.WEIGHT_QUANTIZATION} (int8 FULLY_CONNECTED weights "
+            f"with one scale per output channel, or one per tensor); received {weight_quantization!r}.")
+    if weight_quantization != "per_channel" and quantize not in ("int8", "dynamic"):
+        notes.append(f"weight_quantization={weight_quantization!r} ignored: quantize={quantize!r} keeps "
+                     "float weights")
 
 
 def check_model(model):
