@@ -32,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 
 from common import parser, write_results  # noqa: E402  (first: quiet TensorFlow)
 
@@ -201,11 +202,12 @@ def build_library(arch, src, third_party, build, jobs, ops=None, opt="-O0"):
     def compile_one(path):
         obj = obj_dir / (str(path.relative_to(src)).replace("/", "__") + ".o")
         if not obj.exists():
-            cmd = cxx + FLAGS + includes(src, third_party) + ["-c", str(path), "-o", str(obj) + ".tmp"]
+            tmp = f"{obj}.{os.getpid()}.{threading.get_ident()}.tmp"  # concurrent builds may share the cache
+            cmd = cxx + FLAGS + includes(src, third_party) + ["-c", str(path), "-o", tmp]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 raise RuntimeError(f"{arch}: {' '.join(cmd)}\n{done.stderr[-3000:]}")
-            os.replace(str(obj) + ".tmp", obj)
+            os.replace(tmp, obj)
         return obj
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
