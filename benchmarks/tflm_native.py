@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 
 ARCHES = {  # name -> (compiler command, runner prefix)
     "native": (["g++"], []),
-    "i386": (["g++", "-m32"], []),
+    "i386": (["g++", "-m32", "-isystem", "/usr/include/x86_64-linux-gnu"], []),  # asm/ headers (multilib)
     "arm": (["arm-linux-gnueabihf-g++", "-static"], ["qemu-arm", "-L", "/usr/arm-linux-gnueabihf"]),
 }
 # The directories of tflite-micro's `make list_library_sources` (minus signal/), test files excluded.
@@ -59,8 +59,17 @@ LIBRARY_DIRS = [
     "tensorflow/lite/micro/kernels", "tensorflow/lite/micro/memory_planner", "tensorflow/lite/micro/tflite_bridge"]
 FLAGS = ["-std=c++17", "-fno-rtti", "-fno-exceptions", "-fno-threadsafe-statics", "-ffunction-sections",
          "-fdata-sections", "-DTF_LITE_STATIC_MEMORY", "-DTF_LITE_DISABLE_X86_NEON", "-DTF_LITE_USE_CTIME", "-w"]
-# Export variants: name -> convert() keyword arguments.
-VARIANTS = {"default": {}, "per_tensor": {"weight_quantization": "per_tensor"}}
+# Export variants: name -> (convert() keyword arguments, step_export module settings). "joint":
+# factorized cells' summed gates as one product (step_export.JOINT_PROJECTION); "int8_forced": int8
+# states even where the exporter's rule (int8 must keep every calibration prediction) picks int16.
+VARIANTS = {
+    "per_channel_separate": ({"weight_quantization": "per_channel"}, {"JOINT_PROJECTION": False}),
+    "per_tensor_separate": ({"weight_quantization": "per_tensor"}, {"JOINT_PROJECTION": False}),
+    "per_channel_joint": ({"weight_quantization": "per_channel"}, {"JOINT_PROJECTION": True}),
+    "default": ({}, {}),
+    "per_tensor_joint_int8_forced": ({"weight_quantization": "per_tensor"},
+                                     {"JOINT_PROJECTION": True, "_INT8_AGREEMENT": 0.0}),
+}
 
 HARNESS = r"""
 #include <stdio.h>
@@ -214,10 +223,20 @@ def build_library(arch, src, third_party, build, jobs, ops=None, opt="-O0"):
         return list(pool.map(compile_one, sources))
 
 
-def export_variant(model, x_train, kwargs, directory, stem="step_model"):
+def export_variant(model, x_train, variant, directory, stem="step_model"):
+    from tf_sparsity.export.recurrent import step_export
+
+    kwargs, settings = variant
     directory.mkdir(parents=True, exist_ok=True)
-    return tfs.export.convert(model, target="tflm", representative_data=x_train[:100], recurrent="step",
-                              path=directory / f"{stem}.tflite", c_files=True, **kwargs)
+    saved = {k: getattr(step_export, k) for k in settings}
+    try:
+        for k, v in settings.items():
+            setattr(step_export, k, v)
+        return tfs.export.convert(model, target="tflm", representative_data=x_train[:100], recurrent="step",
+                                  path=directory / f"{stem}.tflite", c_files=True, **kwargs)
+    finally:
+        for k, v in saved.items():
+            setattr(step_export, k, v)
 
 
 def build_harness(arch, src, third_party, build, directory, stem, library, opt="-O0"):
@@ -305,7 +324,9 @@ def main(argv=None):
         python_raw = np.asarray(r.run_sequence(x, runtime="tflm", raw=True)).reshape(len(x), -1)
         import rnn_export
 
-        row = {"variant": name, "kwargs": VARIANTS[name], "file_bytes": len(r.tflite),
+        row = {"variant": name, "kwargs": VARIANTS[name][0], "settings": VARIANTS[name][1],
+               "state_dtype": r.report.recurrent["state_dtype"],
+               "weight_quantization": r.report.recurrent["weight_quantization"], "file_bytes": len(r.tflite),
                "python_smallest_arena": r.report.tflm["arena_bytes"],
                "python_record_total": recorded_total(rnn_export.allocations(r.tflite)),
                "tflm_accuracy_python": float(np.mean(np.argmax(python_raw, -1) == y)), "arches": {}}
@@ -331,15 +352,16 @@ def main(argv=None):
 def markdown(out):
     arches = list(out["variants"][0]["arches"]) if out["variants"] else []
     lines = [f"float Keras accuracy {100 * out['float_accuracy']:.2f}%, {out['sequences']} test sequences", "",
-             "| variant | .tflite bytes | Python wheel: smallest arena (recorded) | "
+             "| variant | int8 weights | states | .tflite bytes | Python wheel: smallest arena (recorded) | "
              + " | ".join(f"{arch}: arena_used_bytes / smallest arena (recording allocator: used / smallest)"
                           for arch in arches) + " | outputs = Python wheel | TFLM acc % |",
-             "|---|---|---|" + "---|" * len(arches) + "---|---|"]
+             "|---|---|---|---|---|" + "---|" * len(arches) + "---|---|"]
     for v in out["variants"]:
         cells = [f"{i['arena_used_bytes']:,} / {i['smallest_arena']:,} ({i['recording_arena_used_bytes']:,} / "
                  f"{i['recording_smallest_arena']:,})" for i in v["arches"].values()]
         equal = ", ".join(f"{arch} {i['outputs_equal_python']}/{out['sequences']}" for arch, i in v["arches"].items())
-        lines.append(f"| {v['variant']} | {v['file_bytes']:,} | {v['python_smallest_arena']:,} "
+        lines.append(f"| {v['variant']} | {v['weight_quantization'].replace('_', ' ')} | {v['state_dtype']} | "
+                     f"{v['file_bytes']:,} | {v['python_smallest_arena']:,} "
                      f"({v['python_record_total']:,}) | " + " | ".join(cells) + f" | {equal} | "
                      f"{100 * v['tflm_accuracy_python']:.2f} |")
     return "\n".join(lines)

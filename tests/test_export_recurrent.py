@@ -310,8 +310,8 @@ def _dense_weight_scales(tflite):
 def test_weight_quantization_per_tensor_step_model_matches_keras():
     model = chain(lr.LowRankGRU(8, max_rank=(None, 2)), keras.layers.Dense(3))
     x = seqs()
-    per_channel = tfs.export.convert(model, target="tflm", representative_data=x)
-    per_tensor = tfs.export.convert(model, target="tflm", representative_data=x, weight_quantization="per_tensor")
+    per_channel = tfs.export.convert(model, target="tflm", representative_data=x, weight_quantization="per_channel")
+    per_tensor = tfs.export.convert(model, target="tflm", representative_data=x)  # the tflm step default
     assert per_channel.report.recurrent["weight_quantization"] == "per_channel"
     assert per_tensor.report.recurrent["weight_quantization"] == "per_tensor"
     assert max(_dense_weight_scales(per_channel.tflite)) > 1
@@ -324,7 +324,7 @@ def test_weight_quantization_per_tensor_step_model_matches_keras():
 
 def test_weight_quantization_is_checked_and_applies_to_plain_models():
     model = chain(keras.layers.GRU(4), keras.layers.Dense(3))
-    with pytest.raises(ValueError, match="`weight_quantization` must be one of"):
+    with pytest.raises(ValueError, match="`weight_quantization` must be None or one of"):
         tfs.export.convert(model, recurrent="step", weight_quantization="per_row")
     dense = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5), keras.layers.Dense(2)])
     x = np.random.default_rng(0).normal(size=(32, 6)).astype("float32")
@@ -344,3 +344,30 @@ def test_sequence_header_registers_the_ops():
     for method in ("AddAdd", "AddFullyConnected", "AddLogistic"):
         assert f"resolver.{method}() != kTfLiteOk" in text
     assert recurrent.sequences.resolver_method("UNIDIRECTIONAL_SEQUENCE_LSTM") == "AddUnidirectionalSequenceLSTM"
+
+
+@pytest.mark.parametrize("cell", [lambda p: lr.FactorizedGRUCell(6, recurrent_rank=2, projection=p),
+                                  lambda p: lr.FactorizedLSTMCell(6, input_rank=1, recurrent_rank=2, projection=p),
+                                  lambda p: lr.FactorizedFastGRNNCell(6, recurrent_rank=2, projection=p)],
+                         ids=["gru", "lstm", "fastgrnn"])
+def test_joint_projection_is_the_same_math_and_round_trips(cell, tmp_path):
+    x = seqs(n=4)
+    plain, joint = chain(keras.layers.RNN(cell("matmul"))), chain(keras.layers.RNN(cell("joint")))
+    joint.set_weights(plain.get_weights())
+    np.testing.assert_allclose(joint(x), plain(x), atol=1e-6)
+    joint.save(tmp_path / "joint.keras")
+    loaded = keras.models.load_model(tmp_path / "joint.keras")
+    assert loaded.layers[0].cell.projection == "joint"
+    np.testing.assert_allclose(loaded(x), joint(x), atol=1e-6)
+
+
+def test_step_form_computes_summed_gates_as_one_product(monkeypatch):
+    model = chain(lr.LowRankGRU(8, max_rank=(None, 2)), keras.layers.Dense(3))
+    x = seqs()
+    joint = tfs.export.convert(model, target="litert", recurrent="step", representative_data=x)
+    monkeypatch.setattr(step_export, "JOINT_PROJECTION", False)
+    separate = tfs.export.convert(model, target="litert", recurrent="step", representative_data=x)
+    # update and reset gates: [x, h·U] @ [W_g; V_g] (one CONCATENATION, one product each) instead of two + ADD
+    assert joint.report.ops["CONCATENATION"] == 1 and "CONCATENATION" not in separate.report.ops
+    assert joint.report.ops["FULLY_CONNECTED"] == separate.report.ops["FULLY_CONNECTED"] - 2
+    np.testing.assert_allclose(joint.run_sequence(x[:5]), model(x[:5]), atol=1e-4)

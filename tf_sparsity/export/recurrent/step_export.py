@@ -25,6 +25,11 @@ from tf_sparsity.export.recurrent.step_model import _calibration_steps, _rollout
 # --------------------------------------------------------------------------
 # convert(..., recurrent="step")
 
+# Factorized low-rank cells compute each summed gate as one product of the concatenated
+# projections (`projection="joint"`, tf_sparsity.layers.low_rank): fewer tflite-micro nodes,
+# tensors and op data per step than two products and an add (docs/benchmarks.md, issue 14).
+JOINT_PROJECTION = True
+
 def convert_step(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
                  calibration_steps, verify_samples, batch_size, compress, report, reason, step_head="joined",
                  per_channel=True):
@@ -35,7 +40,8 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     check_step_head(step_head)
     if batch_size != 1:
         raise ValueError(f"recurrent='step' exports batch 1 (one sequence at a time); received batch_size={batch_size!r}.")
-    prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes)
+    prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes,
+                                     projection="joint" if JOINT_PROJECTION else None)
     plan = step_plan(prepared)
     sequences = _sequences(model, plan, input_shape, representative_data, calibration_steps, verify_samples)
     if plan.steps is None:
