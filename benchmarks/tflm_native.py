@@ -268,6 +268,49 @@ def run_harness(arch, exe, x, directory):
     return json.loads(done.stdout), np.fromfile(y_path, np.int8)
 
 
+def measure(arch, src, third_party, build, directory, a, ops, x, y, python_raw, reference="python"):
+    """Build and run the harness for `arch`; its record with the outputs compared to `python_raw`."""
+    library = build_library(arch, src, third_party, build, a.jobs, ops, a.opt)
+    exe, _ = build_harness(arch, src, third_party, build, directory, "step_model", library, a.opt)
+    info, raw = run_harness(arch, exe, x, directory)
+    raw = raw.reshape(len(x), -1)
+    info["compared_with"] = reference
+    info["outputs_equal_python"] = int(np.sum(np.all(raw == python_raw, -1)))
+    info["max_abs_diff_vs_python"] = int(np.max(np.abs(raw.astype(int) - python_raw.astype(int))))
+    info["tflm_accuracy"] = float(np.mean(np.argmax(raw, -1) == y))
+    return info
+
+
+def extend(a, src, third_party, build, y_test):
+    """`--extend`: add architectures to an earlier run's results (its exported models, no new export)."""
+    with open(a.out) as f:
+        out = json.load(f)
+    n = out["sequences"]
+    x = x_test_from(build, out, n)
+    for row in out["variants"]:
+        directory = build / "models" / row["variant"]
+        reference = directory / "y_python.bin"
+        if not reference.exists():  # runs before y_python.bin existed: the native build matched it exactly
+            reference = directory / "y_native.bin"
+            assert row["arches"]["native"]["outputs_equal_python"] == n
+        python_raw = np.fromfile(reference, np.int8).reshape(n, -1)
+        for arch in a.arches.split(","):
+            row["arches"][arch] = measure(arch, src, third_party, build, directory, a, row["ops"], x, y_test[:n],
+                                          python_raw, reference.name)
+            print(row["variant"], arch, json.dumps({k: v for k, v in row["arches"][arch].items() if k != "record"}),
+                  flush=True)
+    out["markdown"] = markdown(out)
+    write_results(a.out, out)
+    print(out["markdown"])
+
+
+def x_test_from(build, out, n):
+    """The test sequences an earlier run fed its harness (x.bin of its first variant)."""
+    directory = build / "models" / out["variants"][0]["variant"]
+    features = metadata(open(directory / "step_model.tflite", "rb").read())["features"]
+    return np.fromfile(directory / "x.bin", np.float32).reshape(n, -1, features)
+
+
 def recorded_total(lines):
     """The "Arena allocation total N bytes" of tflite-micro's print_allocations lines."""
     for line in lines:
@@ -296,6 +339,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sequences", type=int, default=0, help="test sequences to run (0: the whole test set)")
     p.add_argument("--out", default=str(HERE / "results" / "tflm_native.json"))
+    p.add_argument("--extend", action="store_true",
+                   help="add --arches to the results in --out: rebuild the harness for the models an earlier "
+                        "run exported into --build-dir and compare with that run's outputs (no export)")
     a = p.parse_args(argv)
     if not a.tflm_src:
         p.error("pass --tflm-src or set TFLM_SRC (a tflite-micro source tree)")
@@ -304,6 +350,8 @@ def main(argv=None):
     build = pathlib.Path(a.build_dir)
     data = tfs.datasets.mnist1d(num_samples=10000)
     (x_train, _), (x_test, y_test) = data
+    if a.extend:
+        return extend(a, src, third_party, build, y_test)
     if a.keras:
         import keras
 
@@ -322,6 +370,7 @@ def main(argv=None):
         shutil.rmtree(directory, ignore_errors=True)
         r = export_variant(model, x_train, VARIANTS[name], directory)
         python_raw = np.asarray(r.run_sequence(x, runtime="tflm", raw=True)).reshape(len(x), -1)
+        python_raw.astype(np.int8).tofile(directory / "y_python.bin")
         import rnn_export
 
         row = {"variant": name, "kwargs": VARIANTS[name][0], "settings": VARIANTS[name][1],
@@ -333,15 +382,8 @@ def main(argv=None):
         ops = sorted(r.inspect().op_counts)
         row["ops"] = ops
         for arch in arches:
-            library = build_library(arch, src, third_party, build, a.jobs, ops, a.opt)
-            exe, _ = build_harness(arch, src, third_party, build, directory, "step_model", library, a.opt)
-            info, raw = run_harness(arch, exe, x, directory)
-            raw = raw.reshape(len(x), -1)
-            info["outputs_equal_python"] = int(np.sum(np.all(raw == python_raw, -1)))
-            info["max_abs_diff_vs_python"] = int(np.max(np.abs(raw.astype(int) - python_raw.astype(int))))
-            info["tflm_accuracy"] = float(np.mean(np.argmax(raw, -1) == y))
-            row["arches"][arch] = info
-            print(name, arch, json.dumps({k: v for k, v in info.items() if k != "record"}), flush=True)
+            row["arches"][arch] = measure(arch, src, third_party, build, directory, a, ops, x, y, python_raw)
+            print(name, arch, json.dumps({k: v for k, v in row["arches"][arch].items() if k != "record"}), flush=True)
         out["variants"].append(row)
     out["sequences"] = len(x)
     out["markdown"] = markdown(out)
