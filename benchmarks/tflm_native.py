@@ -265,7 +265,9 @@ def run_harness(arch, exe, x, directory):
                           capture_output=True, text=True, timeout=3600)
     if done.returncode:
         raise RuntimeError(f"{arch}: harness failed ({done.returncode})\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout), np.fromfile(y_path, np.int8)
+    dtype = {"int8": np.int8, "int16": np.int16}.get(metadata(open(directory / "step_model.tflite", "rb").read())
+                                                     ["output"].get("dtype"), np.float32)
+    return json.loads(done.stdout), np.fromfile(y_path, dtype)
 
 
 def measure(arch, src, third_party, build, directory, a, ops, x, y, python_raw, reference="python"):
@@ -293,7 +295,8 @@ def extend(a, src, third_party, build, y_test):
         if not reference.exists():  # runs before y_python.bin existed: the native build matched it exactly
             reference = directory / "y_native.bin"
             assert row["arches"]["native"]["outputs_equal_python"] == n
-        python_raw = np.fromfile(reference, np.int8).reshape(n, -1)
+        dtype = {"int8": np.int8, "int16": np.int16}.get(row.get("output_dtype"), np.int8)
+        python_raw = np.fromfile(reference, dtype).reshape(n, -1)
         for arch in a.arches.split(","):
             row["arches"][arch] = measure(arch, src, third_party, build, directory, a, row["ops"], x, y_test[:n],
                                           python_raw, reference.name)
@@ -370,11 +373,11 @@ def main(argv=None):
         shutil.rmtree(directory, ignore_errors=True)
         r = export_variant(model, x_train, VARIANTS[name], directory)
         python_raw = np.asarray(r.run_sequence(x, runtime="tflm", raw=True)).reshape(len(x), -1)
-        python_raw.astype(np.int8).tofile(directory / "y_python.bin")
+        python_raw.tofile(directory / "y_python.bin")
         import rnn_export
 
         row = {"variant": name, "kwargs": VARIANTS[name][0], "settings": VARIANTS[name][1],
-               "state_dtype": r.report.recurrent["state_dtype"],
+               "state_dtype": r.report.recurrent["state_dtype"], "output_dtype": str(python_raw.dtype),
                "weight_quantization": r.report.recurrent["weight_quantization"], "file_bytes": len(r.tflite),
                "python_smallest_arena": r.report.tflm["arena_bytes"],
                "python_record_total": recorded_total(rnn_export.allocations(r.tflite)),
