@@ -71,7 +71,9 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
         assert info.inputs[1 + k].dtype in ("int8", "int16")
     assert head.inputs[0].quantization == info.outputs[0].quantization
     # Every op reading a state rescales from its input's parameters: no requantizing op per step.
-    assert "QUANTIZE" not in info.op_counts and all(s["retargeted"] or not s["requantized"] for s in rec["states"])
+    # (A factorized cell's joint product concatenates x_t with h·U: at most one QUANTIZE brings x_t to that scale.)
+    assert info.op_counts.get("QUANTIZE", 0) <= info.op_counts.get("CONCATENATION", 0)
+    assert all(s["retargeted"] or not s["requantized"] for s in rec["states"])
     # The result runs whole sequences on tflite-micro; int8 stays close to Keras.
     got = result.run_sequence(x[:8])
     want = np.asarray(model(x[:8]))
