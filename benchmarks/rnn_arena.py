@@ -6,7 +6,7 @@ Trains `demo_lowrank_gru32` exactly as `benchmarks/rnn_export.py` does (MNIST-1D
 10k, 40 steps, seed 0, 20 epochs, TargetSparsity(0.75)), then exports the int8
 step form (`target="tflm"`) with each combination of: the head split off into
 its own model (`convert(..., step_head="separate")`; default "joined"), per-channel vs per-tensor int8
-weights (`step_export._PER_CHANNEL`) and state inputs retargeted to the new
+weights (`convert(..., weight_quantization=...)`) and state inputs retargeted to the new
 state's quantization instead of a requantizing QUANTIZE per step
 (`step_model.RETARGET_STATES`). Per variant: file bytes, smallest working
 TFLM arena (step + head interpreters), the ops, tflite-micro accuracy over
@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 
 import tf_sparsity as tfs  # noqa: E402
 import tf_sparsity.export  # noqa: E402,F401
-from tf_sparsity.export.recurrent import step_export, step_model  # noqa: E402
+from tf_sparsity.export.recurrent import step_model  # noqa: E402
 
 import rnn_export  # noqa: E402
 
@@ -43,12 +43,13 @@ def main(argv=None):
     model, row = rnn_export.train(a.model, data, a)
     (x, _), (x_test, y_test) = data
     out = {"args": vars(a), "train": row, "variants": []}
-    defaults = step_export._PER_CHANNEL, step_model.RETARGET_STATES
+    default = step_model.RETARGET_STATES
     try:
         for split, per_channel, retarget in VARIANTS:
-            step_export._PER_CHANNEL, step_model.RETARGET_STATES = per_channel, retarget
+            step_model.RETARGET_STATES = retarget
             r = tfs.export.convert(model, target="tflm", representative_data=x[:100], recurrent="step",
-                                   step_head="separate" if split else "joined")
+                                   step_head="separate" if split else "joined",
+                                   weight_quantization="per_channel" if per_channel else "per_tensor")
             accuracy = float(np.mean(np.argmax(r.run_sequence(x_test, runtime="tflm"), -1) == y_test))
             v = {"split_head": split, "per_channel": per_channel, "retarget_states": retarget,
                  "file_bytes": r.report.recurrent["file_bytes"], "arena_bytes": r.report.tflm["arena_bytes"],
@@ -60,7 +61,7 @@ def main(argv=None):
             out["variants"].append(v)
             print(json.dumps({k: v[k] for k in v if "alloc" not in k}), flush=True)
     finally:
-        step_export._PER_CHANNEL, step_model.RETARGET_STATES = defaults
+        step_model.RETARGET_STATES = default
     out["markdown"] = markdown(out)
     write_results(a.out, out)
     print(out["markdown"])

@@ -16,7 +16,7 @@ import warnings as _warnings
 import keras
 import numpy as np
 
-from tf_sparsity import prunable
+from tf_sparsity import _compat, prunable
 from tf_sparsity.export import flatbuffer, runtimes
 from tf_sparsity.export.inspection import inspect
 from tf_sparsity.export.errors import ExportError, UnsupportedOpError
@@ -38,7 +38,8 @@ def has_sparse_kernels(model):
     return False
 
 
-def run_converter(model, specs, quantize, calibration, sparse):
+def run_converter(model, specs, quantize, calibration, sparse, per_channel=True):
+    """TFLite converter on `model` (Keras) -> .tflite bytes; `per_channel=False`: per-tensor int8 dense weights."""
     import tensorflow as tf
 
     signature = [tf.TensorSpec(s["shape"], tf.as_dtype(s["dtype"]), name=f"input_{i}") for i, s in enumerate(specs)]
@@ -63,6 +64,8 @@ def run_converter(model, specs, quantize, calibration, sparse):
         converter.representative_dataset = lambda: (
             [np.asarray(x, np.float32) if np.asarray(x).dtype.kind == "f" else x for x in sample]
             for sample in calibration)
+    if not per_channel and quantize in ("int8", "dynamic"):
+        _compat.per_tensor_int8_dense_weights(converter)
     if sparse:
         optimizations.append(tf.lite.Optimize.EXPERIMENTAL_SPARSITY)
     converter.optimizations = optimizations

@@ -10,7 +10,7 @@ from tf_sparsity import _compat, prunable, surgery
 from tf_sparsity.export import targets
 from tf_sparsity.protocols import StrippableCell
 
-__all__ = ["check_model", "check_quantize", "prepare"]
+__all__ = ["check_model", "check_quantize", "check_weight_quantization", "prepare"]
 
 
 def check_quantize(quantize, spec):
@@ -26,6 +26,17 @@ def check_quantize(quantize, spec):
     return quantize
 
 
+def check_weight_quantization(weight_quantization, quantize, notes):
+    """One clear error for a bad `weight_quantization`; a note when it has no effect."""
+    if weight_quantization is not None and weight_quantization not in targets.WEIGHT_QUANTIZATION:
+        raise ValueError(
+            f"`weight_quantization` must be None or one of {targets.WEIGHT_QUANTIZATION} (int8 FULLY_CONNECTED "
+            f"weights with one scale per output channel, or one per tensor); received {weight_quantization!r}.")
+    if weight_quantization == "per_tensor" and quantize not in ("int8", "dynamic"):
+        notes.append(f"weight_quantization={weight_quantization!r} ignored: quantize={quantize!r} keeps "
+                     "float weights")
+
+
 def check_model(model):
     if not isinstance(model, keras.Model):
         raise TypeError(
@@ -35,8 +46,13 @@ def check_model(model):
         raise ValueError("`model` must be built: give it an `Input` or call it once on data.")
 
 
-def prepare(model, unroll, notes):
-    """Strip tf_sparsity wrappers and low-rank STR cells; unroll RNN layers for integer targets."""
+def prepare(model, unroll, notes, projection=None):
+    """Strip tf_sparsity wrappers and low-rank STR cells; unroll RNN layers for integer targets.
+
+    `projection`: put every factorized low-rank cell in this form (see
+    `tf_sparsity.layers.low_rank.FactorizedGRUCell`; the step form passes
+    "joint"). Unrolled cells take "conv" regardless.
+    """
     rebuildable = isinstance(model, _compat.REBUILDABLE_MODELS)
     wrapped = surgery.wrappers(model)
     # Low-rank STR cells (tf_sparsity.layers.low_rank) strip to rank-r factors.
@@ -73,7 +89,29 @@ def prepare(model, unroll, notes):
             notes.append("unrolled recurrent layer(s) " + ", ".join(f"'{l.name}'" for l in rnns)
                          + " over the static sequence length: integer kernels have no loop support "
                            "(full-int8 conversion of the WHILE loop fails)")
+    elif projection is not None and rebuildable:
+        model = _with_projection(model, projection)
     return model
+
+
+def _with_projection(model, projection):
+    """`model` with its factorized cells' `projection` set (same weights); unchanged when there are none."""
+    def factorized(layer):
+        cell = getattr(layer, "cell", None) if isinstance(layer, keras.layers.RNN) else None
+        return cell is not None and "projection" in cell.get_config() and cell.projection != projection
+
+    if not any(factorized(l) for l in prunable.iter_layers(model)):
+        return model
+
+    def replace(layer):
+        if not factorized(layer):
+            return None
+        config = layer.get_config()
+        config["cell"]["config"]["projection"] = projection
+        with _compat.unsafe_deserialization():
+            return layer.__class__.from_config(config)
+
+    return surgery.map_layers(model, replace)
 
 
 def _conv_projection(rnn_config):

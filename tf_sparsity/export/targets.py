@@ -150,6 +150,9 @@ TARGETS = {target.name: target for target in (
 )}
 
 QUANTIZE_MODES = (None, "dynamic", "float16", "int8")
+# int8 FULLY_CONNECTED weights: one scale per output channel (the converter's default) or one per tensor
+# (tflite-micro then keeps one output multiplier per op instead of 8 bytes per output channel of op data).
+WEIGHT_QUANTIZATION = ("per_channel", "per_tensor")
 
 # Block layouts the LiteRT converter encodes natively (no DENSIFY), per weight
 # dtype, as (rows, cols) of the TFLite FULLY_CONNECTED weight [out, in].

@@ -59,10 +59,15 @@ __all__ = [
 ]
 
 
-def convert_form(form, model, spec, quantize, representative_data, path, verify, step_head="joined", **kwargs):
+def convert_form(form, model, spec, quantize, representative_data, path, verify, step_head="joined",
+                 per_channel=True, **kwargs):
     """`convert`'s call-out for the forms this module builds ("step", "fused"); `step_head` is the step form's."""
     if form == "step":
-        return convert_step(model, spec, quantize, representative_data, path, verify, step_head=step_head, **kwargs)
+        return convert_step(model, spec, quantize, representative_data, path, verify, step_head=step_head,
+                            per_channel=per_channel, **kwargs)
     if step_head != "joined":
         kwargs["report"].notes.append(f"step_head={step_head!r} ignored: it applies to the step form only")
+    if not per_channel:
+        kwargs["report"].notes.append("weight_quantization='per_tensor' ignored: the fused form is converted "
+                                      "by tf_keras in a child process with the converter's defaults")
     return convert_fused(model, spec, quantize, representative_data, path, verify, **kwargs)

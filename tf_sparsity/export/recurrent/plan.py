@@ -17,7 +17,6 @@ STEP_HEADS = ("joined", "separate")
 METADATA_NAME = "tf_sparsity.recurrent"
 # Calibration samples (one time step each) for the int8 step model.
 _MAX_CALIBRATION_STEPS = 800
-_PER_CHANNEL = True  # int8 FULLY_CONNECTED weights per output channel (the converter's default)
 
 
 # --------------------------------------------------------------------------

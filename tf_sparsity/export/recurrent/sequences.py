@@ -2,6 +2,7 @@
 
 
 import dataclasses
+import re
 import time
 
 import numpy as np
@@ -259,7 +260,8 @@ def sequence_header(meta, stem, model_symbol=None):
         f"//   #include \"{stem}_sequence.h\"",
         f"//   alignas(16) static uint8_t arena[{macro}_MODEL_DATA_ARENA_BYTES + 1024];",
         f"//   const tflite::Model* model = tflite::GetModel(g_{ident}_model_data);",
-        f"//   tflite::MicroMutableOpResolver<{macro}_NUM_OPS> resolver;  // Add{ops}",
+        f"//   tflite::MicroMutableOpResolver<{macro}_NUM_OPS> resolver;",
+        f"//   {ident}_add_ops(resolver);  // Add{ops}",
         "//   tflite::MicroInterpreter interpreter(model, resolver, arena, sizeof(arena));",
         "//   interpreter.AllocateTensors();",
     ]
@@ -267,7 +269,8 @@ def sequence_header(meta, stem, model_symbol=None):
         head_ops = " / Add".join(split.get("op_names", ["..."]))
         lines += [
             f"//   alignas(16) static uint8_t head_arena[{macro}_HEAD_MODEL_DATA_ARENA_BYTES + 512];",
-            f"//   tflite::MicroMutableOpResolver<{macro}_HEAD_NUM_OPS> head_resolver;  // Add{head_ops}",
+            f"//   tflite::MicroMutableOpResolver<{macro}_HEAD_NUM_OPS> head_resolver;",
+            f"//   {ident}_add_head_ops(head_resolver);  // Add{head_ops}",
             f"//   tflite::MicroInterpreter head(tflite::GetModel(g_{ident}_head_model_data), head_resolver,",
             "//                                 head_arena, sizeof(head_arena));",
             "//   head.AllocateTensors();",
@@ -361,9 +364,37 @@ def sequence_header(meta, stem, model_symbol=None):
         f"#endif  // {macro}_SEQUENCE_H_",
         "",
     ]
+    lines[-2:-2] = _add_ops_function(f"{ident}_add_ops", meta.get("op_names"), "step model") + (
+        _add_ops_function(f"{ident}_add_head_ops", split.get("op_names"), "head model") if head_model else [])
     if meta.get("sequence_output"):
         lines.insert(8, "// The last recurrent layer returns sequences: output 0 after EVERY invoke is that step's output.")
     return "\n".join(lines)
+
+
+# tflite-micro's MicroMutableOpResolver method per builtin op, where it is not the CamelCase of the name.
+_RESOLVER_METHODS = {"BATCH_MATMUL": "BatchMatMul", "UNIDIRECTIONAL_SEQUENCE_LSTM": "UnidirectionalSequenceLSTM",
+                     "PADV2": "PadV2"}
+
+
+def resolver_method(op_name):
+    """`MicroMutableOpResolver` method that registers a builtin op ('FULLY_CONNECTED' -> 'AddFullyConnected').
+
+    >>> resolver_method("FULLY_CONNECTED"), resolver_method("CONV_2D")
+    ('AddFullyConnected', 'AddConv2D')
+    """
+    name = _RESOLVER_METHODS.get(op_name) or re.sub(r"2d$", "2D", "".join(
+        part.capitalize() for part in op_name.split("_")))
+    return "Add" + name
+
+
+def _add_ops_function(fn, op_names, what):
+    """C++ lines of `template <typename R> TfLiteStatus fn(R& resolver)` registering `op_names`."""
+    if not op_names:
+        return []
+    return ["", f"// Registers the {what}'s ops with `resolver` (e.g. a tflite::MicroMutableOpResolver<N>).",
+            "template <typename Resolver>", f"inline TfLiteStatus {fn}(Resolver& resolver) {{",
+            *[f"  if (resolver.{resolver_method(op)}() != kTfLiteOk) return kTfLiteError;" for op in op_names],
+            "  return kTfLiteOk;", "}"]
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tf_sparsity.export import verify as verify_stage
 from tf_sparsity.export.outputs import write_outputs
 from tf_sparsity.export.atomic import atomic_write
 from tf_sparsity.export.c_array import write_c_array
-from tf_sparsity.export.recurrent.plan import (_MAX_CALIBRATION_STEPS, _PER_CHANNEL, STEP_HEADS, head_state,
+from tf_sparsity.export.recurrent.plan import (_MAX_CALIBRATION_STEPS, STEP_HEADS, head_state,
                                               recurrent_layers, step_function, step_plan)
 from tf_sparsity.export.recurrent.sequences import RecurrentExportResult, _agreement, run_sequence, sequence_header
 from tf_sparsity.export.recurrent.step_model import _calibration_steps, _rollout, build_step
@@ -25,8 +25,14 @@ from tf_sparsity.export.recurrent.step_model import _calibration_steps, _rollout
 # --------------------------------------------------------------------------
 # convert(..., recurrent="step")
 
+# Factorized low-rank cells compute each summed gate as one product of the concatenated
+# projections (`projection="joint"`, tf_sparsity.layers.low_rank): fewer tflite-micro nodes,
+# tensors and op data per step than two products and an add (docs/benchmarks.md, issue 14).
+JOINT_PROJECTION = True
+
 def convert_step(model, spec, quantize, representative_data, path, verify, *, input_shape, c_files,
-                 calibration_steps, verify_samples, batch_size, compress, report, reason, step_head="joined"):
+                 calibration_steps, verify_samples, batch_size, compress, report, reason, step_head="joined",
+                 per_channel=True):
     """The step-form branch of `tfs.export.convert` (arguments as there)."""
     from tf_sparsity.export.inspection import inspect
 
@@ -34,7 +40,8 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     check_step_head(step_head)
     if batch_size != 1:
         raise ValueError(f"recurrent='step' exports batch 1 (one sequence at a time); received batch_size={batch_size!r}.")
-    prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes)
+    prepared = prepare_stage.prepare(model, unroll=False, notes=report.notes,
+                                     projection="joint" if JOINT_PROJECTION else None)
     plan = step_plan(prepared)
     sequences = _sequences(model, plan, input_shape, representative_data, calibration_steps, verify_samples)
     if plan.steps is None:
@@ -61,11 +68,11 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     if quantize == "int8":
         _, recorded = _rollout(step, plan, sequences[:calibration_steps], record=True)
         calibration = _calibration_steps(recorded, _MAX_CALIBRATION_STEPS)
-    tflite, head, meta = build_step(prepared, plan, quantize, calibration, per_channel=_PER_CHANNEL)
+    tflite, head, meta = build_step(prepared, plan, quantize, calibration, per_channel=per_channel)
     choice = None
     if quantize == "int8":
         tflite, head, meta, choice = _choose_state_dtype(prepared, plan, calibration, sequences, (tflite, head, meta),
-                                                         target, model)
+                                                         target, model, per_channel)
         if choice["chosen"] == "int16":
             report.notes.append("int16 activations and states (16x8: int8 weights): " + choice["reason"])
     info = inspect(tflite)
@@ -90,6 +97,7 @@ def convert_step(model, spec, quantize, representative_data, path, verify, *, in
     report.warnings += [w for w in verdict.warnings if target != "edgetpu" or "maps ops only" not in w]
     rec = {"form": "step", "reason": reason, "state_dtype": meta["states"][0]["dtype"] if meta["states"] else None,
            "state_dtype_choice": choice, "steps": plan.steps, "features": plan.features,
+           "weight_quantization": "per_channel" if per_channel else "per_tensor",
            "states": meta["states"], "sequence_output": plan.sequence_output,
            "layers": [l.name for l in plan.chain]}
     if meta.get("head"):
@@ -190,7 +198,7 @@ def _score(tflite, meta, check, want, head=None):
     return result
 
 
-def _choose_state_dtype(prepared, plan, calibration, sequences, built, target, model):
+def _choose_state_dtype(prepared, plan, calibration, sequences, built, target, model, per_channel=True):
     """int8 states, or int16 (16x8) where int8 loses predictions: measured on the calibration sequences.
 
     Run on LiteRT's reference kernels (the kernels tflite-micro ports). The
@@ -210,7 +218,7 @@ def _choose_state_dtype(prepared, plan, calibration, sequences, built, target, m
     from tf_sparsity.export.inspection import inspect
 
     try:
-        wide = build_step(prepared, plan, "int8", calibration, per_channel=_PER_CHANNEL, activations="int16")
+        wide = build_step(prepared, plan, "int8", calibration, per_channel=per_channel, activations="int16")
         if not all(inspect(m).verdict(target).ok for m in wide[:2] if m is not None):
             raise ExportError("ops without int16 kernels on " + target)
         int16 = _score(wide[0], wide[2], check, want, wide[1])

@@ -16,10 +16,14 @@ class _Architecture:
     A cell computes `x @ W` and `h @ U` (gates stacked along the last axis
     as in Keras) and hands them to `_combine` as lists of per-gate
     `units`-wide blocks; `_combine` adds biases and applies the gates.
+    `joint_gates`: the gates whose two projections are only ever summed; a
+    cell may compute them as one product `[x, h] @ [W_g; U_g]` and pass
+    them as `_combine(..., joint=...)` (None for the other gates).
     """
 
     gates = 1
     kind = None
+    joint_gates = (0,)
 
     def _init_architecture(self, units, activation, recurrent_activation):
         self.units = _check_units(units)
@@ -51,6 +55,7 @@ class _GRU(_Architecture):
 
     gates = 3
     kind = "GRU"
+    joint_gates = (0, 1)  # update, reset: the candidate multiplies h @ U by r
     bias_names = ("bias",)
 
     def _init_state(self):
@@ -60,13 +65,19 @@ class _GRU(_Architecture):
         # Separate input / recurrent biases, Keras' (2, 3·units) layout.
         self.bias = self._bias("bias", (2, 3 * self.units), "zeros")
 
-    def _combine(self, xw, hu, states):
+    def _combine(self, xw, hu, states, joint=None):
         h = states[0] if isinstance(states, (list, tuple)) else states
         bias = ops.cast(self.bias, h.dtype)
-        x_z, x_r, x_h = (x + b for x, b in zip(xw, self._gate_slices(bias[0])))
-        h_z, h_r, h_h = (x + b for x, b in zip(hu, self._gate_slices(bias[1])))
-        z = self.recurrent_activation(x_z + h_z)
-        r = self.recurrent_activation(x_r + h_r)
+        b_x, b_h = self._gate_slices(bias[0]), self._gate_slices(bias[1])
+        if joint is None:
+            x_z, x_r, x_h = (x + b for x, b in zip(xw, b_x))
+            h_z, h_r, h_h = (x + b for x, b in zip(hu, b_h))
+            z = self.recurrent_activation(x_z + h_z)
+            r = self.recurrent_activation(x_r + h_r)
+        else:  # joint[g] = x @ W_g + h @ U_g for the update and reset gates
+            x_h, h_h = xw[2] + b_x[2], hu[2] + b_h[2]
+            z = self.recurrent_activation(joint[0] + (b_x[0] + b_h[0]))
+            r = self.recurrent_activation(joint[1] + (b_x[1] + b_h[1]))
         candidate = self.activation(x_h + r * h_h)
         new_h = z * h + (1.0 - z) * candidate
         return new_h, [new_h] if isinstance(states, (list, tuple)) else new_h
@@ -77,6 +88,7 @@ class _LSTM(_Architecture):
 
     gates = 4
     kind = "LSTM"
+    joint_gates = (0, 1, 2, 3)
     bias_names = ("bias",)
 
     def _init_state(self):
@@ -91,10 +103,13 @@ class _LSTM(_Architecture):
 
         self.bias = self._bias("bias", (4 * self.units,), unit_forget_bias)
 
-    def _combine(self, xw, hu, states):
+    def _combine(self, xw, hu, states, joint=None):
         h, c = states
         bias = self._gate_slices(ops.cast(self.bias, h.dtype))
-        z_i, z_f, z_c, z_o = (x + u + b for x, u, b in zip(xw, hu, bias))
+        if joint is None:
+            z_i, z_f, z_c, z_o = (x + u + b for x, u, b in zip(xw, hu, bias))
+        else:  # joint[g] = x @ W_g + h @ U_g for every gate
+            z_i, z_f, z_c, z_o = (j + b for j, b in zip(joint, bias))
         i = self.recurrent_activation(z_i)
         f = self.recurrent_activation(z_f)
         c = f * c + i * self.activation(z_c)
@@ -127,9 +142,9 @@ class _FastGRNN(_Architecture):
                                     initializer=keras.initializers.Constant(self.zeta_init))
         self.nu = self.add_weight(name="nu", shape=(), initializer=keras.initializers.Constant(self.nu_init))
 
-    def _combine(self, xw, hu, states):
+    def _combine(self, xw, hu, states, joint=None):
         h = states[0] if isinstance(states, (list, tuple)) else states
-        pre = xw[0] + hu[0]
+        pre = xw[0] + hu[0] if joint is None else joint[0]
         z = self.recurrent_activation(pre + ops.cast(self.bias_gate, pre.dtype))
         c = self.activation(pre + ops.cast(self.bias_update, pre.dtype))
         zeta = ops.cast(ops.sigmoid(ops.cast(self.zeta, "float32")), pre.dtype)

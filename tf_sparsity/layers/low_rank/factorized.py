@@ -13,7 +13,7 @@ from tf_sparsity.layers.low_rank.checks import _check_number
 _register = keras.saving.register_keras_serializable(package="tf_sparsity")
 
 
-PROJECTIONS = ("matmul", "conv")
+PROJECTIONS = ("matmul", "conv", "joint")
 
 
 def _conv_matmul(x, w):
@@ -38,8 +38,9 @@ def _conv_matmul(x, w):
 class _FactorizedCell(keras.layers.Layer):
     """Base of the deployable cells: per matrix, dense, rank-r factors, or nothing.
 
-    `projection`: "matmul" (FULLY_CONNECTED in TFLite) or "conv" (the int8
-    export form, see `_conv_matmul`).
+    `projection`: "matmul" (FULLY_CONNECTED in TFLite), "conv" (the int8
+    export form of unrolled models, see `_conv_matmul`) or "joint" (the step
+    form's: see `_joint_call`).
     """
 
     def __init__(self, units, input_rank=None, recurrent_rank=None, activation="tanh",
@@ -100,9 +101,31 @@ class _FactorizedCell(keras.layers.Layer):
 
     def call(self, inputs, states, training=False):
         h = states[0] if isinstance(states, (list, tuple)) else states
+        if self.projection == "joint" and self.kernel_weights and self.recurrent_weights:
+            return self._joint_call(inputs, h, states)
         xw = self._project(inputs, self.kernel_weights)
         hu = self._project(h, self.recurrent_weights)
         return self._combine(xw, hu, states)
+
+    def _joint_call(self, x, h, states):
+        """One product per summed gate: `[x·Lx, h·Lh] @ [Rx_g; Rh_g]` (L, R: the factors, or x / W dense).
+
+        The same math as two products and an add; in TFLite one CONCATENATION
+        and one FULLY_CONNECTED per such gate instead of two FULLY_CONNECTED
+        and an ADD: fewer nodes, tensors and per-op data in a tflite-micro
+        arena (the demo low-rank GRU step model: docs/benchmarks.md, issue
+        14). The factors are stored as before (the stacked right factor is
+        no larger than the two).
+        """
+        left = [ops.matmul(v, w[0]) if len(w) == 2 else v
+                for v, w in ((x, self.kernel_weights), (h, self.recurrent_weights))]
+        both = ops.concatenate(left, axis=-1)
+        rights = [self._gate_slices(w[-1]) for w in (self.kernel_weights, self.recurrent_weights)]
+        joint = [ops.matmul(both, ops.concatenate([rights[0][g], rights[1][g]], axis=0))
+                 if g in self.joint_gates else None for g in range(self.gates)]
+        xw, hu = ([None if g in self.joint_gates else ops.matmul(v, r[g]) for g in range(self.gates)]
+                  for v, r in zip(left, rights))
+        return self._combine(xw, hu, states, joint=joint)
 
     def matrix_shapes(self):
         width = self.gates * self.units
