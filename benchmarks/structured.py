@@ -193,17 +193,20 @@ def group_table(rows):
         group = [r for r in rows if (r["net"], r["method"], r["budget"]) == key]
         acc = np.array([r["accuracy"] for r in group]) * 100
         pre = np.array([r.get("accuracy_before_finetune", r["accuracy"]) for r in group]) * 100
-        mean = lambda k: np.mean([r[k] for r in group]) if all(k in r for r in group) else float("nan")  # noqa: E731
+        mean = lambda k: np.mean([r[k] for r in group if k in r]) if any(k in r for r in group) else float("nan")  # noqa: E731
+        timed = sum("tflm_us" in r for r in group)
+        n_timed = f" (n={timed})" if timed < len(group) else ""
         lines.append(f"| {key[0]} | {key[1]} | {key[2] if key[1] != 'dense' else '—'} | {mean('flops'):.3f} | "
                      f"{mean('params'):.3f} | {acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | {pre.mean():.2f} | "
-                     f"{mean('tflm_bytes'):,.0f} | {mean('tflm_arena'):,.0f} | {mean('tflm_speedup'):.2f}× | "
+                     f"{mean('tflm_bytes'):,.0f} | {mean('tflm_arena'):,.0f} | {mean('tflm_speedup'):.2f}×{n_timed} | "
                      f"{mean('litert_speedup'):.2f}× | {edgetpu_cell(group)} | {mean('seconds'):.0f} |")
     return lines
 
 
 def edgetpu_cell(group):
     """"OK (n TPU ops / m CPU)" or "NO (...)" over the seeds' EdgeTPU verdicts; "—" if not exported."""
-    if not all("edgetpu_ok" in r for r in group):
+    group = [r for r in group if "edgetpu_ok" in r]
+    if not group:
         return "—"
     verdicts = sorted({(r["edgetpu_ok"], r["edgetpu_tpu_ops"], r["edgetpu_cpu_ops"]) for r in group}, key=str)
     return ", ".join(f"{'OK' if ok else 'NO'} ({tpu} TPU / {cpu} CPU ops)" for ok, tpu, cpu in verdicts)
