@@ -221,3 +221,33 @@ def test_greedy_loss_on_keras_applications_mobilenet_v2():
     masked = _loss_masked(model, report)
     np.testing.assert_allclose(np.asarray(small(x[:8], training=False)),
                                np.asarray(masked(x[:8], training=False)), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("net,options", [
+    ("mnist1d_resnet", {"flops": 0.5, "accuracy_fraction": None}),
+    ("mnist1d_mobilenet", {"accuracy_fraction": 0.9, "finetune_steps": 2}),
+])
+def test_greedy_loss_reusing_the_activations_below_selects_the_same_units(net, options, monkeypatch):
+    # Each candidate runs only the layers from the group's earliest consumer on; the
+    # selection must be the one of a full forward pass per candidate.
+    import importlib
+
+    module = importlib.import_module("tf_sparsity.pruning.greedy_loss")
+
+    keras.utils.set_random_seed(0)
+    model = getattr(tfs.zoo, net)(**({"filters": (8, 16), "blocks": 1} if net == "mnist1d_resnet" else
+                                     {"widths": (8, 12), "expansion": 2}))
+    x, y = random_like((256, 40, 1), seed=4), np.arange(256) % 10
+    kwargs = dict(candidates=4, batch_size=32, eval_samples=64, seed=1, **options)
+    _, fast = module.greedy_loss(model, x, y, **kwargs)
+
+    def whole(m, consumers):  # the old path: the whole network per candidate
+        forward = module._forward(m)
+        return (lambda inputs: inputs), forward
+
+    monkeypatch.setattr(module, "_split", whole)
+    _, slow = module.greedy_loss(model, x, y, **kwargs)
+    assert list(fast) == list(slow)
+    for name in fast:
+        np.testing.assert_array_equal(fast[name]["units"], slow[name]["units"])
+        assert fast[name]["stopped"] == slow[name]["stopped"]

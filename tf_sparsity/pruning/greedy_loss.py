@@ -25,12 +25,16 @@ evaluation-subset check runs only once the minibatch accuracy is within
 `skip` of the target, and the reference accuracy is that of the network
 just before the group is pruned (`relative_to="layer"`; `"original"`
 compares with the unpruned model instead).
+
+Speed: a candidate only changes the group's consumers, so each minibatch
+runs the network below them once (`_split`: the tensors every layer from
+the earliest consumer on reads) and each candidate runs only the rest.
 """
 
 import keras
 import numpy as np
 
-from tf_sparsity import surgery
+from tf_sparsity import _compat, prunable, surgery
 
 __all__ = ["greedy_loss"]
 
@@ -194,12 +198,15 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
         reference = accuracy(subset) if relative_to == "layer" and step else original
         goal = None if accuracy_fraction is None else accuracy_fraction * reference
         mask = _GroupMask(groups, group)
+        # Below the group's consumers nothing changes while it is selected: run it once per batch.
+        head, tail = _split(current, [layer for layer, _, _ in mask.consumers])
+        below_subset = None
         n_units, selected, stopped, reached = group.size, [], "budget", None
         multipliers = np.zeros(n_units)
         try:
             while len(selected) < caps[name]:
                 rows = rng.choice(len(x), batch_size, replace=False)
-                xb, tb = x[rows], targets[rows]
+                below, tb = head(x[rows]), targets[rows]
                 pool = np.setdiff1d(np.arange(n_units), selected)
                 if len(pool) > candidates:
                     pool = rng.choice(pool, candidates, replace=False)
@@ -208,7 +215,7 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
                     multipliers[:] = 0.0
                     multipliers[selected + [int(j)]] = n_units / (len(selected) + 1)
                     mask.set(multipliers)
-                    loss, hits = _loss_and_hits(forward(xb), tb, logits)
+                    loss, hits = _loss_and_hits(tail(below), tb, logits)
                     if loss < best[0]:
                         best = (loss, int(j), hits)
                 selected.append(best[1])
@@ -216,7 +223,10 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
                     multipliers[:] = 0.0
                     multipliers[selected] = n_units / len(selected)
                     mask.set(multipliers)
-                    reached = accuracy(subset)
+                    if below_subset is None:
+                        below_subset = [head(x[subset[i:i + 512]]) for i in range(0, len(subset), 512)]
+                    out = np.concatenate([tail(part) for part in below_subset])
+                    reached = float(_loss_and_hits(out, targets[subset], logits)[1].mean())
                     if reached >= goal:
                         stopped = "accuracy"
                         break
@@ -246,6 +256,44 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
     if not per_group:  # the kept rows already carry their N / n
         current = surgery.prune_groups(current, pending, groups)
     return current, report
+
+
+def _split(model, consumers):
+    """`(head, tail)`: `head(x)` runs `model` up to the tensors that the
+    `consumers` and every layer after them read (the cut), `tail(cut)` the
+    rest, so `tail(head(x)) == model(x)`; both compiled, NumPy in and out.
+
+    A layer is after the consumers when it is one of them (or a nested
+    model holding one) or reads a tensor computed after them; the cut is
+    every tensor such a layer reads that is not itself computed after them
+    (a residual stream's earlier tensors included), plus any output that is
+    not.
+    """
+    import tensorflow as tf  # tf.function: one trace per slice, not per candidate
+
+    inputs, outputs, nodes = _compat.graph_nodes(model)
+    ids = {id(layer) for layer in consumers}
+
+    def holds_consumer(op):
+        return id(op) in ids or (_compat.is_graph_model(op) and any(id(l) in ids for l in prunable.iter_layers(op)))
+
+    after, cut = set(), {}
+    for node in nodes:
+        if holds_consumer(node.operation) or any(id(t) in after for t in node.input_tensors):
+            cut.update((id(t), t) for t in node.input_tensors if id(t) not in after)
+            after.update(id(t) for t in node.outputs)
+    cut.update((id(t), t) for t in outputs if id(t) not in after)
+    cut = list(cut.values())
+    head_fn = tf.function(_compat.graph_slice(inputs, cut), reduce_retracing=True)
+    tail_fn = tf.function(_compat.graph_slice(cut, outputs), reduce_retracing=True)
+
+    def head(x):
+        return [t.numpy() for t in head_fn([x])]
+
+    def tail(below):
+        return tail_fn(below)[0].numpy()
+
+    return head, tail
 
 
 def _forward(model):

@@ -29,6 +29,8 @@ a unit also read by a dense layer (`skip=`) or frozen by the analysis
 be removed anyway.
 """
 
+import contextlib
+
 import keras
 import numpy as np
 from keras import ops
@@ -65,6 +67,57 @@ class ChannelCoupling:
     def __init__(self, ids, num_units, groups):
         self.ids, self.num_units, self.groups = ids, num_units, groups
         self._plans = {}
+        self._all = None  # the plan over every unit at once (`unit_factors`)
+        self._current = None  # {shrink: factors} of the forward pass under way (`one_pass`)
+
+    def _plan_all(self):
+        # Like `_plan`, over every unit: local id == global id, n == "no unit".
+        if self._all is None:
+            n = self.num_units
+            parts, counts, weights, own = [], np.zeros(n + 1), {}, {}
+            for other, pairs in self.ids.items():
+                own[other] = [tuple(np.where(a >= 0, a, n).astype("int32") for a in pair) for pair in pairs]
+                for k, (kernel, pair) in enumerate(zip(other.kernels, own[other])):
+                    for axis, ids in zip((-2, -1), pair):
+                        if not (ids < n).any():
+                            continue
+                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
+                        entries = np.bincount(ids, minlength=n + 1) * per_slice
+                        parts.append((other, k, axis, ids))
+                        counts += entries
+                        weights[other] = weights.get(other, 0.0) + entries[:n]
+            counts = np.maximum(counts[:n], 1.0)  # every unit has entries; no 0/0 if not
+            weights = [(other, w / counts) for other, w in weights.items()]
+            self._all = _Plan(np.arange(n), parts, counts, weights, own)
+        return self._all
+
+    def unit_factors(self, shrink=True):
+        """Every unit's factor at once: a float32 vector of `num_units + 1` (the last is 1, "no unit").
+
+        What one forward pass of a `ChannelGroupModel` computes once and
+        every coupled wrapper reads (`one_pass`); equal to the factors each
+        wrapper would compute for its own units.
+        """
+        plan = self._plan_all()
+        if not self.num_units:
+            return ops.ones((1,), "float32")
+        return self._factors(None, plan, shrink)[0]
+
+    @contextlib.contextmanager
+    def one_pass(self):
+        """Compute the unit factors once for the forward pass run inside this block.
+
+        `ChannelGroupModel.call` runs its layers inside it, so a unit shared
+        by many layers (a residual stream) has its RMS and factor computed
+        once per pass, not once per layer; outside it each wrapper computes
+        its own units' factors.
+        """
+        shrinks = sorted({bool(w.shrink) for w in self.ids})
+        previous, self._current = self._current, {s: self.unit_factors(s) for s in shrinks}
+        try:
+            yield
+        finally:
+            self._current = previous
 
     def _plan(self, wrapper):
         if id(wrapper) in self._plans:
@@ -97,24 +150,27 @@ class ChannelCoupling:
         self._plans[id(wrapper)] = plan
         return plan
 
-    def _factors(self, wrapper, plan):
+    def _factors(self, wrapper, plan, shrink=None):
         rms = sparse_ops.segment_rms([(other.kernels[k], axis, ids) for other, k, axis, ids in plan.parts],
                                      plan.counts)
         threshold = 0.0
         for other, w in plan.weights:
             threshold = threshold + ops.convert_to_tensor(w.astype("float32")) * other.threshold()
-        factor = sparse_ops.shrink_factor(rms, threshold, wrapper.shrink)
+        factor = sparse_ops.shrink_factor(rms, threshold, wrapper.shrink if shrink is None else shrink)
         return ops.concatenate([factor, ops.ones((1,), "float32")]), rms
 
     def effective_kernels(self, wrapper):
         """`wrapper`'s kernels with every thresholded row / column scaled by its unit's factor."""
-        plan = self._plan(wrapper)
         kernels = [ops.cast(k, "float32") for k in wrapper.kernels]
-        if plan is None:
-            return kernels
-        factor, _ = self._factors(wrapper, plan)
+        if self._current is not None:  # inside `one_pass`: read the pass's factors
+            factor, own = self._current[bool(wrapper.shrink)], self._plan_all().own[wrapper]
+        else:
+            plan = self._plan(wrapper)
+            if plan is None:
+                return kernels
+            (factor, _), own = self._factors(wrapper, plan), plan.own
         out = []
-        for kernel, (rows, cols) in zip(kernels, plan.own):
+        for kernel, (rows, cols) in zip(kernels, own):
             kernel = kernel * ops.reshape(ops.take(factor, rows), (-1, 1))
             out.append(kernel * ops.take(factor, cols))
         return out
@@ -231,3 +287,10 @@ class ChannelGroupModel(keras.Model):
     def __init__(self, inputs, outputs, name=None, **kwargs):
         super().__init__(inputs, outputs, name=name, **kwargs)
         self.channel_coupling = couple_channels(self)
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        """The functional forward pass, with every unit factor computed once for it."""
+        if self.channel_coupling is None:
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+        with self.channel_coupling.one_pass():
+            return super().call(inputs, training=training, mask=mask, **kwargs)
