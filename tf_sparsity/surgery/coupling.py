@@ -38,6 +38,7 @@ from keras import ops
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 from tf_sparsity.surgery.graph import wrappers
+from tf_sparsity.surgery.group_surgery import group_macs
 from tf_sparsity.surgery.groups import channel_groups
 
 __all__ = ["ChannelCoupling", "ChannelGroupModel", "couple_channels", "model_structure"]
@@ -64,9 +65,11 @@ class ChannelCoupling:
         groups: the `ChannelGroups` analysis it came from.
     """
 
-    def __init__(self, ids, num_units, groups):
+    def __init__(self, ids, num_units, groups, roots=None):
         self.ids, self.num_units, self.groups = ids, num_units, groups
+        self.roots = np.zeros(0, np.int64) if roots is None else np.asarray(roots, np.int64)
         self._plans = {}
+        self._strip_plan = self._dense = None
         self._all = None  # the plan over every unit at once (`unit_factors`)
         self._current = None  # {shrink: factors} of the forward pass under way (`one_pass`)
 
@@ -102,6 +105,80 @@ class ChannelCoupling:
         if not self.num_units:
             return ops.ones((1,), "float32")
         return self._factors(None, plan, shrink)[0]
+
+    def unit_rms(self):
+        """Every unit's joint RMS (the magnitude its threshold is compared with), NumPy float64.
+
+        `ops.segment_rms`'s sums in NumPy: the steering solver reads it
+        eagerly, where ~100 kernels' TensorFlow segment sums take seconds.
+        """
+        plan = self._plan_all()
+        total = np.zeros(self.num_units + 1)
+        for other, k, axis, ids in plan.parts:
+            x = np.asarray(ops.convert_to_numpy(other.kernels[k]), "float64")
+            axis = axis % x.ndim
+            squares = np.square(x).sum(axis=tuple(a for a in range(x.ndim) if a != axis))
+            total += np.bincount(ids, weights=squares, minlength=self.num_units + 1)
+        return np.sqrt(np.maximum(total[:self.num_units] / plan.counts, 1e-30))
+
+    def threshold_weights(self):
+        """`[(wrapper, w)]`: unit `u`'s threshold is `sum w[u] * wrapper.threshold()`."""
+        return list(self._plan_all().weights)
+
+    def stripped_macs(self, alive):
+        """MACs per example of `tfs.strip` of the model when exactly the units `alive` survive.
+
+        What `prune_dead_units` removes, without building anything: a unit
+        goes when no Dense / Conv reads it, i.e. when it is thresholded or
+        every output unit of each of its consumers is (each group keeps one
+        unit); counted by `group_macs`. `alive` is a boolean vector over
+        the `num_units` thresholded units.
+        """
+        if self._strip_plan is None:
+            self.dense_macs()
+            wrapper_of = {id(w.layer): w for w in self.ids}
+            consumers = []
+            for layer, kind, inp, _ in self.groups.layers.values():
+                if kind != "producer" or inp is None:
+                    continue
+                w = wrapper_of.get(id(layer))
+                none = np.full(1, -1, np.int64)
+                ins, outs = self.ids[w][0] if w is not None else (np.full(len(inp), -1, np.int64), none)
+                consumers.append((self.groups.root(inp), ins, outs))
+            prunable = [(name, np.asarray(g.units)) for name, g in self.groups.prunable().items()]
+            self._atoms = 1 + max([int(r.max()) for r, _, _ in consumers if len(r)] +
+                                  [int(u.max()) for _, u in prunable if len(u)] + [0])
+            self._strip_plan = consumers, prunable
+        consumers, prunable = self._strip_plan
+        alive = np.append(np.asarray(alive, bool), True)  # index -1: not thresholded, always alive
+        read = np.zeros(self._atoms, bool)
+        for roots, ins, outs in consumers:
+            if alive[outs].any():
+                read[roots[alive[ins]]] = True
+        keep = {}
+        for name, units in prunable:
+            kept = np.flatnonzero(read[units])
+            if len(kept) < len(units):
+                keep[name] = kept if len(kept) else np.array([0])
+        return float(group_macs(self.groups, keep))
+
+    def dense_macs(self):
+        """MACs per example of the model with every unit kept."""
+        if self._dense is None:
+            with self.one_pass():  # group_macs' first call summarizes every wrapper: one factor pass
+                self._dense = float(group_macs(self.groups, {}))
+        return self._dense
+
+    def emptied_groups(self, alive):
+        """Names of the groups all of whose thresholded units are dead under `alive`."""
+        number = {int(r): i for i, r in enumerate(self.roots)}
+        alive = np.asarray(alive, bool)
+        out = []
+        for name, group in self.groups.prunable().items():
+            ids = [number[int(r)] for r in group.units if int(r) in number]
+            if ids and len(ids) == group.size and not alive[ids].any():
+                out.append(name)
+        return out
 
     @contextlib.contextmanager
     def one_pass(self):
@@ -245,7 +322,7 @@ def couple_channels(model):
         kernel = wrapper.kernels[0]
         cols = unit_ids(out) if kind == "producer" else np.full(kernel.shape[-1], -1, np.int64)
         ids[wrapper] = [(unit_ids(inp), cols)]
-    coupling = ChannelCoupling(ids, len(roots), groups)
+    coupling = ChannelCoupling(ids, len(roots), groups, roots)
     for wrapper in ids:
         wrapper.coupling = coupling
     return coupling
