@@ -20,6 +20,7 @@ def _grouped(net, shrink):
     return sparse
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net,shrink", [("mnist1d_resnet", True), ("mnist1d_mobilenet", False)])
 def test_factors_once_per_pass_equal_the_per_wrapper_ones(net, shrink):
     sparse = _grouped(net, shrink)
@@ -50,6 +51,7 @@ def test_factors_once_per_pass_equal_the_per_wrapper_ones(net, shrink):
     assert 0 < np.mean(factors[:-1] == 0) < 1
 
 
+@pytest.mark.slow
 def test_factors_once_per_pass_round_trip(tmp_path):
     sparse = _grouped("mnist1d_resnet", False)
     path = tmp_path / "grouped.keras"
@@ -76,6 +78,7 @@ def _fit_to_flops(model, x, y, flops, epochs=1, batch_size=32):
     return sparse, steer
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flops", [0.5, 0.3])
 def test_target_flops_strips_to_the_macs_budget_exactly(flops, mnist1d_data):
     (x, y), _ = mnist1d_data
