@@ -73,24 +73,34 @@ class ChannelCoupling:
         self._all = None  # the plan over every unit at once (`unit_factors`)
         self._current = None  # {shrink: factors} of the forward pass under way (`one_pass`)
 
+    def _gather(self, local, n):
+        # Every kernel slice of a unit numbered by `local` (n: "none"): parts, entries per unit,
+        # threshold weights (each wrapper's share of a unit's entries).
+        parts, counts, weights = [], np.zeros(n + 1), {}
+        for other, pairs in self.ids.items():
+            for k, (kernel, pair) in enumerate(zip(other.kernels, pairs)):
+                for axis, a in zip((-2, -1), pair):
+                    ids = local(a)
+                    if not (ids < n).any():
+                        continue
+                    per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
+                    entries = np.bincount(ids, minlength=n + 1) * per_slice
+                    parts.append((other, k, axis, ids))
+                    counts += entries
+                    weights[other] = weights.get(other, 0.0) + entries[:n]
+        counts = np.maximum(counts[:n], 1.0)  # every unit has entries; no 0/0 if not
+        return parts, counts, [(other, w / counts) for other, w in weights.items()]
+
     def _plan_all(self):
         # Like `_plan`, over every unit: local id == global id, n == "no unit".
         if self._all is None:
             n = self.num_units
-            parts, counts, weights, own = [], np.zeros(n + 1), {}, {}
-            for other, pairs in self.ids.items():
-                own[other] = [tuple(np.where(a >= 0, a, n).astype("int32") for a in pair) for pair in pairs]
-                for k, (kernel, pair) in enumerate(zip(other.kernels, own[other])):
-                    for axis, ids in zip((-2, -1), pair):
-                        if not (ids < n).any():
-                            continue
-                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
-                        entries = np.bincount(ids, minlength=n + 1) * per_slice
-                        parts.append((other, k, axis, ids))
-                        counts += entries
-                        weights[other] = weights.get(other, 0.0) + entries[:n]
-            counts = np.maximum(counts[:n], 1.0)  # every unit has entries; no 0/0 if not
-            weights = [(other, w / counts) for other, w in weights.items()]
+
+            def local(a):
+                return np.where(a >= 0, a, n).astype("int32")
+
+            parts, counts, weights = self._gather(local, n)
+            own = {other: [(local(i), local(o)) for i, o in pairs] for other, pairs in self.ids.items()}
             self._all = _Plan(np.arange(n), parts, counts, weights, own)
         return self._all
 
@@ -208,20 +218,7 @@ class ChannelCoupling:
                 pos = np.clip(np.searchsorted(units, a), 0, n - 1)
                 return np.where((a >= 0) & (units[pos] == a), pos, n).astype("int32")
 
-            parts, counts, weights = [], np.zeros(n + 1), {}
-            for other, pairs in self.ids.items():
-                for k, (kernel, pair) in enumerate(zip(other.kernels, pairs)):
-                    for axis, a in zip((-2, -1), pair):
-                        ids = local(a)
-                        if not (ids < n).any():
-                            continue
-                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
-                        entries = np.bincount(ids, minlength=n + 1) * per_slice
-                        parts.append((other, k, axis, ids))
-                        counts += entries
-                        weights[other] = weights.get(other, 0.0) + entries[:n]
-            counts = counts[:n]
-            weights = [(other, w / counts) for other, w in weights.items()]
+            parts, counts, weights = self._gather(local, n)
             own = [(local(i), local(o)) for i, o in self.ids[wrapper]]
             plan = _Plan(units, parts, counts, weights, own)
         self._plans[id(wrapper)] = plan
