@@ -223,6 +223,7 @@ def test_greedy_loss_on_keras_applications_mobilenet_v2():
                                np.asarray(masked(x[:8], training=False)), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("net,options", [
     ("mnist1d_resnet", {"flops": 0.5, "accuracy_fraction": None}),
     ("mnist1d_mobilenet", {"accuracy_fraction": 0.9, "finetune_steps": 2}),

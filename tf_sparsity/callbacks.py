@@ -1,6 +1,9 @@
-"""Callbacks: per-layer sparsity logging, collapse guard, target-sparsity steering."""
+"""Callbacks: per-layer sparsity logging, collapse guard, target-sparsity / target-MACs steering."""
+
+import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from tf_sparsity import surgery
@@ -9,10 +12,12 @@ from tf_sparsity.logs import publish
 from tf_sparsity.protocols import DecaySteerable
 from tf_sparsity.collapse import LayerCollapseError, LayerCollapseWarning, check_on_collapse, report_collapse
 from tf_sparsity.schedules import PolynomialRamp
-from tf_sparsity.steering import DecayController, current_sparsity, solve_threshold_offset, steerables
+from tf_sparsity.steering import (DecayController, current_sparsity, solve_flops_offset, solve_threshold_offset,
+                                  steerables)
 from tf_sparsity.summarize import summary
 
-__all__ = ["LayerCollapseError", "LayerCollapseWarning", "SparsityMonitor", "TargetSparsity", "publish"]
+__all__ = ["LayerCollapseError", "LayerCollapseWarning", "SparsityMonitor", "TargetFlops", "TargetSparsity",
+           "publish"]
 
 
 def _report_collapse(names, step, on_collapse, model, reported):
@@ -259,3 +264,104 @@ class TargetSparsity(keras.callbacks.Callback):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+@keras.saving.register_keras_serializable(package="tf_sparsity")
+class TargetFlops(TargetSparsity):
+    """Steers channel-STR over channel groups so the stripped model has a MACs budget.
+
+    For `tfs.soft_threshold(model, granularity="channel")` (a
+    `tfs.surgery.ChannelGroupModel`): every `update_every` steps one common
+    offset `b` on all thresholds is set so that `tfs.strip` of the model
+    would keep the scheduled fraction of the dense MACs
+    (`tf_sparsity.steering.solve_flops_offset`, counting with
+    `tfs.surgery.group_macs`). The fraction follows a cubic ramp from 1 at
+    `begin_step` to `flops` at `end_step` and holds it after. The mode for
+    one shared threshold level (`learn_threshold=False`, the channel-STR
+    recipe); reached MACs are in `.flops_reached` (a warning says when they
+    end more than 0.02 from `flops`, e.g. when frozen channels forbid it).
+
+    Args:
+        flops: the MACs fraction of the dense model to end at, in (0, 1).
+        begin_step: optimizer step at which the ramp starts.
+        end_step: step at which `flops` is reached; default: `end_fraction`
+            of the steps of the `fit` call.
+        end_fraction: used when `end_step` is None.
+        update_every: steps between offset updates.
+        power: the ramp's exponent.
+        on_collapse: "warn", "stop" or "raise" when a channel group is emptied.
+
+    Example:
+
+    >>> m = tfs.zoo.mnist1d_resnet(filters=(8, 16), blocks=1)
+    >>> sparse = tfs.soft_threshold(m, granularity="channel", learn_threshold=False, shrink=False)
+    >>> _ = sparse.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    >>> x, y = np.random.default_rng(0).normal(size=(64, 40, 1)), np.arange(64) % 10
+    >>> steer = tfs.callbacks.TargetFlops(0.5, end_step=4, update_every=2)
+    >>> _ = sparse.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[steer])
+    >>> small = tfs.strip(sparse)
+    >>> abs(tfs.summary(small, print_fn=None).flops / tfs.summary(m, print_fn=None).flops - 0.5) <= 0.02
+    True
+    """
+
+    def __init__(self, flops=0.5, begin_step=0, end_step=None, end_fraction=0.7, update_every=20, power=3,
+                 on_collapse="warn"):
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) or not 0 < flops < 1:
+            raise ValueError(f"`flops` must be the fraction of the dense MACs to keep, a number in (0, 1); "
+                             f"received {flops!r}.")
+        super().__init__(sparsity=0.5, begin_step=begin_step, end_step=end_step, end_fraction=end_fraction,
+                         update_every=update_every, power=power, on_collapse=on_collapse, steer="offset")
+        self.flops = float(flops)
+        self.flops_reached = None
+
+    def _coupling(self):
+        coupling = getattr(self.model, "channel_coupling", None)
+        if not isinstance(self.model, surgery.ChannelGroupModel) or coupling is None:
+            raise ValueError(
+                "TargetFlops steers channel-STR over channel groups: train the model returned by "
+                "`tfs.soft_threshold(model, granularity='channel')` (channel_groups=True); received "
+                f"{type(self.model).__name__} '{self.model.name}'.")
+        return coupling
+
+    def on_train_begin(self, logs=None):
+        coupling = self._coupling()
+        smallest = coupling.stripped_macs(np.zeros(coupling.num_units, bool)) / coupling.dense_macs()
+        if smallest > self.flops + 0.02:
+            raise ValueError(
+                f"`flops={self.flops:g}` cannot be reached: with every thresholdable channel group at one "
+                f"unit the model keeps {smallest:.3f} of its MACs; channels frozen by the group analysis "
+                f"({sorted(coupling.groups.frozen.items())[:4]}) or read by layers left out of channel-STR "
+                "are never removed.")
+        super().on_train_begin(logs)
+
+    def current_target(self, step):
+        """The scheduled MACs fraction at optimizer step `step`."""
+        return 1.0 - (1.0 - self.flops) * PolynomialRamp(self.begin_step, self._end, self.power)(step)
+
+    def update(self, step=None):
+        """Set the threshold offsets for `step` (default: the optimizer's). Custom loops call this."""
+        if step is None:
+            step = self._optimizer_step()
+        offset, self.flops_reached, emptied = solve_flops_offset(self._coupling(), self.current_target(step))
+        for wrapper in self.wrappers:
+            wrapper.threshold_offset.assign(offset)
+        new = [n for n in emptied if n not in self._reported]
+        if new:
+            self._reported.update(new)
+            report_collapse(
+                f"Channel groups emptied at step {step}: every channel of {new} is zero. In a residual "
+                "branch that removes the branch (strip keeps one channel); on the main path no signal "
+                "passes (accuracy falls to chance): lower the MACs cut or skip those layers.",
+                self.on_collapse, self.model, stacklevel=3)
+        return offset
+
+    def on_train_end(self, logs=None):
+        self.update()
+        if self._optimizer_step() >= self._end and abs(self.flops_reached - self.flops) > 0.02:
+            warnings.warn(f"TargetFlops ended at {self.flops_reached:.3f} of the dense MACs, not {self.flops:g}: "
+                          "the channel groups' sizes do not allow a closer cut.", stacklevel=2)
+
+    def get_config(self):
+        return {"flops": self.flops, "begin_step": self.begin_step, "end_step": self.end_step,
+                "end_fraction": self.end_fraction, "update_every": self.update_every, "power": self.power,
+                "on_collapse": self.on_collapse}

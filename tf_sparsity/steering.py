@@ -11,7 +11,7 @@ from tf_sparsity import ops as sparse_ops
 from tf_sparsity import prunable
 from tf_sparsity.protocols import HoldsSteerables, Steerable
 
-__all__ = ["DecayController", "current_sparsity", "solve_threshold_offset", "steerables"]
+__all__ = ["DecayController", "current_sparsity", "solve_flops_offset", "solve_threshold_offset", "steerables"]
 
 
 def steerables(model):
@@ -79,6 +79,55 @@ def solve_threshold_offset(steerables, target_sparsity, bounds=(-100.0, 100.0), 
     sizes = [cumulative[-1] for _, cumulative, _ in layers]
     collapsed = [w.steering_name for w, z, n in zip(wrappers, layer_zeros(best), sizes) if z >= n - 0.5]
     return best, collapsed
+
+
+def solve_flops_offset(coupling, target_fraction, bounds=(-100.0, 100.0), iterations=60):
+    """Common logit offset `b` at which `tfs.strip` leaves `target_fraction` of the dense MACs.
+
+    For channel-STR over channel groups (`coupling`: a
+    `ChannelGroupModel`'s `channel_coupling`): unit `u` dies when its joint
+    RMS is at most its threshold `sum_l w_lu g(s_l + b)`, so the dead set
+    grows with `b` and the stripped model's MACs
+    (`ChannelCoupling.stripped_macs`) fall: bisection finds the offset
+    closest to the target, then steps inside its plateau. Returns
+    `(b, MACs fraction at b, names of groups emptied at b)`.
+    """
+    rms = coupling.unit_rms()
+    # Wrappers with the same threshold function and `s` share g(s + b): one row of weights each.
+    rows = {}
+    for wrapper, w in coupling.threshold_weights():
+        key = (wrapper.threshold_fn, float(ops.convert_to_numpy(wrapper.threshold_logit)))
+        rows[key] = rows.get(key, 0.0) + np.asarray(w, "float64")
+    fns = {fn: _numpy_threshold_fn(fn) for fn, _ in rows}
+    keys, weights = list(rows), np.array(list(rows.values())).reshape(len(rows), len(rms))
+    dense = coupling.dense_macs()
+    memo = {}
+
+    def alive(offset):
+        return rms > np.array([fns[fn](s + offset) for fn, s in keys]) @ weights
+
+    def fraction(offset):
+        key = alive(offset)
+        packed = np.packbits(key).tobytes()
+        if packed not in memo:
+            memo[packed] = coupling.stripped_macs(key) / dense
+        return memo[packed]
+
+    lo, hi = bounds
+    if fraction(lo) <= target_fraction:
+        best = lo
+    elif fraction(hi) >= target_fraction:
+        best = hi
+    else:
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            if fraction(mid) >= target_fraction:
+                lo = mid
+            else:
+                hi = mid
+        best = lo if abs(fraction(lo) - target_fraction) <= abs(fraction(hi) - target_fraction) else hi
+    best = _inside_plateau(lambda offset: int((~alive(offset)).sum()), best, bounds, iterations)
+    return best, fraction(best), coupling.emptied_groups(alive(best))
 
 
 # How far (in logit units) the chosen offset stays from the edges of its

@@ -38,6 +38,7 @@ from keras import ops
 from tf_sparsity import ops as sparse_ops
 from tf_sparsity.layers.soft_threshold import SoftThreshold
 from tf_sparsity.surgery.graph import wrappers
+from tf_sparsity.surgery.group_surgery import group_macs
 from tf_sparsity.surgery.groups import channel_groups
 
 __all__ = ["ChannelCoupling", "ChannelGroupModel", "couple_channels", "model_structure"]
@@ -64,30 +65,42 @@ class ChannelCoupling:
         groups: the `ChannelGroups` analysis it came from.
     """
 
-    def __init__(self, ids, num_units, groups):
+    def __init__(self, ids, num_units, groups, roots=None):
         self.ids, self.num_units, self.groups = ids, num_units, groups
+        self.roots = np.zeros(0, np.int64) if roots is None else np.asarray(roots, np.int64)
         self._plans = {}
+        self._strip_plan = self._dense = None
         self._all = None  # the plan over every unit at once (`unit_factors`)
         self._current = None  # {shrink: factors} of the forward pass under way (`one_pass`)
+
+    def _gather(self, local, n):
+        # Every kernel slice of a unit numbered by `local` (n: "none"): parts, entries per unit,
+        # threshold weights (each wrapper's share of a unit's entries).
+        parts, counts, weights = [], np.zeros(n + 1), {}
+        for other, pairs in self.ids.items():
+            for k, (kernel, pair) in enumerate(zip(other.kernels, pairs)):
+                for axis, a in zip((-2, -1), pair):
+                    ids = local(a)
+                    if not (ids < n).any():
+                        continue
+                    per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
+                    entries = np.bincount(ids, minlength=n + 1) * per_slice
+                    parts.append((other, k, axis, ids))
+                    counts += entries
+                    weights[other] = weights.get(other, 0.0) + entries[:n]
+        counts = np.maximum(counts[:n], 1.0)  # every unit has entries; no 0/0 if not
+        return parts, counts, [(other, w / counts) for other, w in weights.items()]
 
     def _plan_all(self):
         # Like `_plan`, over every unit: local id == global id, n == "no unit".
         if self._all is None:
             n = self.num_units
-            parts, counts, weights, own = [], np.zeros(n + 1), {}, {}
-            for other, pairs in self.ids.items():
-                own[other] = [tuple(np.where(a >= 0, a, n).astype("int32") for a in pair) for pair in pairs]
-                for k, (kernel, pair) in enumerate(zip(other.kernels, own[other])):
-                    for axis, ids in zip((-2, -1), pair):
-                        if not (ids < n).any():
-                            continue
-                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
-                        entries = np.bincount(ids, minlength=n + 1) * per_slice
-                        parts.append((other, k, axis, ids))
-                        counts += entries
-                        weights[other] = weights.get(other, 0.0) + entries[:n]
-            counts = np.maximum(counts[:n], 1.0)  # every unit has entries; no 0/0 if not
-            weights = [(other, w / counts) for other, w in weights.items()]
+
+            def local(a):
+                return np.where(a >= 0, a, n).astype("int32")
+
+            parts, counts, weights = self._gather(local, n)
+            own = {other: [(local(i), local(o)) for i, o in pairs] for other, pairs in self.ids.items()}
             self._all = _Plan(np.arange(n), parts, counts, weights, own)
         return self._all
 
@@ -102,6 +115,80 @@ class ChannelCoupling:
         if not self.num_units:
             return ops.ones((1,), "float32")
         return self._factors(None, plan, shrink)[0]
+
+    def unit_rms(self):
+        """Every unit's joint RMS (the magnitude its threshold is compared with), NumPy float64.
+
+        `ops.segment_rms`'s sums in NumPy: the steering solver reads it
+        eagerly, where ~100 kernels' TensorFlow segment sums take seconds.
+        """
+        plan = self._plan_all()
+        total = np.zeros(self.num_units + 1)
+        for other, k, axis, ids in plan.parts:
+            x = np.asarray(ops.convert_to_numpy(other.kernels[k]), "float64")
+            axis = axis % x.ndim
+            squares = np.square(x).sum(axis=tuple(a for a in range(x.ndim) if a != axis))
+            total += np.bincount(ids, weights=squares, minlength=self.num_units + 1)
+        return np.sqrt(np.maximum(total[:self.num_units] / plan.counts, 1e-30))
+
+    def threshold_weights(self):
+        """`[(wrapper, w)]`: unit `u`'s threshold is `sum w[u] * wrapper.threshold()`."""
+        return list(self._plan_all().weights)
+
+    def stripped_macs(self, alive):
+        """MACs per example of `tfs.strip` of the model when exactly the units `alive` survive.
+
+        What `prune_dead_units` removes, without building anything: a unit
+        goes when no Dense / Conv reads it, i.e. when it is thresholded or
+        every output unit of each of its consumers is (each group keeps one
+        unit); counted by `group_macs`. `alive` is a boolean vector over
+        the `num_units` thresholded units.
+        """
+        if self._strip_plan is None:
+            self.dense_macs()
+            wrapper_of = {id(w.layer): w for w in self.ids}
+            consumers = []
+            for layer, kind, inp, _ in self.groups.layers.values():
+                if kind != "producer" or inp is None:
+                    continue
+                w = wrapper_of.get(id(layer))
+                none = np.full(1, -1, np.int64)
+                ins, outs = self.ids[w][0] if w is not None else (np.full(len(inp), -1, np.int64), none)
+                consumers.append((self.groups.root(inp), ins, outs))
+            prunable = [(name, np.asarray(g.units)) for name, g in self.groups.prunable().items()]
+            self._atoms = 1 + max([int(r.max()) for r, _, _ in consumers if len(r)] +
+                                  [int(u.max()) for _, u in prunable if len(u)] + [0])
+            self._strip_plan = consumers, prunable
+        consumers, prunable = self._strip_plan
+        alive = np.append(np.asarray(alive, bool), True)  # index -1: not thresholded, always alive
+        read = np.zeros(self._atoms, bool)
+        for roots, ins, outs in consumers:
+            if alive[outs].any():
+                read[roots[alive[ins]]] = True
+        keep = {}
+        for name, units in prunable:
+            kept = np.flatnonzero(read[units])
+            if len(kept) < len(units):
+                keep[name] = kept if len(kept) else np.array([0])
+        return float(group_macs(self.groups, keep))
+
+    def dense_macs(self):
+        """MACs per example of the model with every unit kept."""
+        if self._dense is None:
+            with self.one_pass():  # group_macs' first call summarizes every wrapper: one factor pass
+                self._dense = float(group_macs(self.groups, {}))
+        return self._dense
+
+    def emptied_groups(self, alive):
+        """Names of the groups all of whose thresholded units are dead under `alive`."""
+        number = {int(r): i for i, r in enumerate(self.roots)}
+        alive = np.asarray(alive, bool)
+        out = []
+        for name, group in self.groups.prunable().items():
+            ids = [number[int(r)] for r in group.units if int(r) in number]
+            if ids and len(ids) == group.size and not alive[ids].any():
+                out.append(name)
+        return out
 
     @contextlib.contextmanager
     def one_pass(self):
@@ -131,20 +218,7 @@ class ChannelCoupling:
                 pos = np.clip(np.searchsorted(units, a), 0, n - 1)
                 return np.where((a >= 0) & (units[pos] == a), pos, n).astype("int32")
 
-            parts, counts, weights = [], np.zeros(n + 1), {}
-            for other, pairs in self.ids.items():
-                for k, (kernel, pair) in enumerate(zip(other.kernels, pairs)):
-                    for axis, a in zip((-2, -1), pair):
-                        ids = local(a)
-                        if not (ids < n).any():
-                            continue
-                        per_slice = int(np.prod(kernel.shape)) / kernel.shape[axis]
-                        entries = np.bincount(ids, minlength=n + 1) * per_slice
-                        parts.append((other, k, axis, ids))
-                        counts += entries
-                        weights[other] = weights.get(other, 0.0) + entries[:n]
-            counts = counts[:n]
-            weights = [(other, w / counts) for other, w in weights.items()]
+            parts, counts, weights = self._gather(local, n)
             own = [(local(i), local(o)) for i, o in self.ids[wrapper]]
             plan = _Plan(units, parts, counts, weights, own)
         self._plans[id(wrapper)] = plan
@@ -245,7 +319,7 @@ def couple_channels(model):
         kernel = wrapper.kernels[0]
         cols = unit_ids(out) if kind == "producer" else np.full(kernel.shape[-1], -1, np.int64)
         ids[wrapper] = [(unit_ids(inp), cols)]
-    coupling = ChannelCoupling(ids, len(roots), groups)
+    coupling = ChannelCoupling(ids, len(roots), groups, roots)
     for wrapper in ids:
         wrapper.coupling = coupling
     return coupling

@@ -157,11 +157,13 @@ class ChannelGroups:
             mask = np.ones(group.size, bool)
             mask[np.asarray(indices, dtype=np.int64)] = False
             removed.append(group.units[mask])
-        removed = np.concatenate(removed) if removed else np.zeros(0, np.int64)
+        gone = np.zeros(len(self._parent), bool)  # a lookup over roots: faster than isin per layer
+        if removed:
+            gone[np.concatenate(removed)] = True
         masks = {}
         for key, (layer, kind, inp, out) in self.layers.items():
-            masks[key] = (None if inp is None else ~np.isin(self.root(inp), removed),
-                          None if out is None else ~np.isin(self.root(out), removed))
+            masks[key] = (None if inp is None else ~gone[self.root(inp)],
+                          None if out is None else ~gone[self.root(out)])
         return masks
 
 
