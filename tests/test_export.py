@@ -380,3 +380,16 @@ def test_op_agreement_compares_each_op_on_identical_inputs():
     for test in finder.find(runtimes.op_agreement, "op_agreement", globs={"op_agreement": runtimes.op_agreement}):
         runner.run(test)
     assert runner.failures == 0 and runner.tries > 0
+
+
+def test_a_collapsed_int8_range_is_named_when_xnnpack_refuses_the_model():
+    # A squeeze-excite unit whose ReLU never fires (what channel pruning can leave):
+    # its consumer's bias gets a ~0 scale and XNNPack will not prepare the model.
+    inp = keras.Input((8, 4))
+    s = keras.layers.GlobalAveragePooling1D(keepdims=True)(inp)
+    s = keras.layers.Conv1D(1, 1, activation="relu", bias_initializer=keras.initializers.Constant(-100.0))(s)
+    s = keras.layers.Conv1D(4, 1, activation="sigmoid")(s)
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Multiply()([inp, s])))
+    x = np.random.default_rng(0).normal(size=(64, 8, 4)).astype("float32")
+    with pytest.raises(tfs.export.ExportError, match="collapsed int8 range"):
+        tfs.export.convert(keras.Model(inp, out), target="tflm", quantize="int8", representative_data=x)

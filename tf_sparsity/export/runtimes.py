@@ -59,8 +59,35 @@ def litert_interpreter(tflite, num_threads=1, reference=False):
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as error:
         kind = "reference kernels" if reference else "default delegate (XNNPack)"
-        raise VerificationError(f"LiteRT could not load the model with its {kind}: {error}") from None
+        hint = "" if reference else _collapsed_range_hint(tflite)
+        raise VerificationError(f"LiteRT could not load the model with its {kind}: {error}{hint}") from None
     return interpreter
+
+
+# A quantization scale this small means the tensor's calibrated range is empty.
+_COLLAPSED_SCALE = 1e-9
+
+
+def _collapsed_range_hint(tflite):
+    # XNNPack refuses to prepare ops whose tensors have a (near) zero scale; name
+    # them, since the delegate's own message does not.
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    try:
+        details = Interpreter(model_content=bytes(tflite), experimental_op_resolver_type=(
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)).get_tensor_details()
+    except (ValueError, RuntimeError):
+        return ""
+    names = [d["name"].split(";")[0] for d in details
+             if len(d["quantization_parameters"]["scales"])
+             and float(np.min(d["quantization_parameters"]["scales"])) < _COLLAPSED_SCALE]
+    if not names:
+        return ""
+    return (f" These tensors have a collapsed int8 range (scale < {_COLLAPSED_SCALE:g}), which XNNPack "
+            f"refuses: {names[:4]}{' ...' if len(names) > 4 else ''}. A tensor like this comes from an "
+            "activation that is constant on `representative_data`, e.g. a ReLU unit that never fires (a "
+            "squeeze-excite unit left by channel pruning): remove that unit (it carries no signal) or calibrate "
+            "with data that makes it fire.")
 
 
 def io_params(details):
