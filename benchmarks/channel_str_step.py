@@ -16,7 +16,7 @@ after warm-up; the table gives the median over rounds and the ratio.
 
 import time
 
-from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import HERE, parser, run_and_report, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -92,11 +92,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="channel_str_step.json", help="results file name in benchmarks/results")
-    a = p.parse_args()
-    rows = run(a)
-    lines = table(rows)
-    print("\n".join(lines))
-    write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "table": lines})
+    run_and_report(p.parse_args(), run, table)
 
 
 if __name__ == "__main__":

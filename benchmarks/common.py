@@ -86,6 +86,15 @@ def write_results(path, payload):
     return path
 
 
+def run_and_report(a, run, table):
+    """`rows = run(a)`, print `table(rows)` (markdown lines) and write both to results/`a.out`."""
+    rows = run(a)
+    lines = table(rows)
+    print("\n".join(lines))
+    write_results(RESULTS / a.out, {"args": vars(a), "rows": rows, "table": lines})
+    return rows
+
+
 def run_tfmot_worker(*args):
     """Run the tfmot baseline (`_tfmot_worker.py ARGS`) in its own process with
     `BASELINE_PYTHON` (tf_keras never enters this process); returns its JSON result."""

@@ -27,7 +27,7 @@ Per net and seed:
 
 import time
 
-from common import HERE, parser, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
+from common import HERE, parser, run_and_report, write_results  # noqa: E402,F401  (first: quiet TensorFlow)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -120,11 +120,7 @@ def main():
     p.add_argument("--targets", type=float, nargs="+", default=[0.5])
     p.add_argument("--nets", nargs="+", default=["mnist1d_resnet", "mnist1d_mobilenet"])
     p.add_argument("--out", default="structured_str.json", help="results file name in benchmarks/results")
-    a = p.parse_args()
-    rows = run(a)
-    lines = table(rows)
-    print("\n".join(lines))
-    write_results(HERE / "results" / a.out, {"args": vars(a), "rows": rows, "table": lines})
+    run_and_report(p.parse_args(), run, table)
 
 
 if __name__ == "__main__":
