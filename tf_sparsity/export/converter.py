@@ -32,7 +32,7 @@ def has_sparse_kernels(model):
     for layer in prunable.iter_layers(model):
         if prunable.is_prunable(layer) and layer.built:
             for kernel in prunable.prunable_kernels(layer):
-                value = keras.ops.convert_to_numpy(kernel)
+                value = np.asarray(kernel.numpy() if hasattr(kernel, "numpy") else kernel)
                 if value.size >= 64 and np.mean(value == 0) >= _MIN_SPARSITY_TO_TRY:
                     return True
     return False

@@ -172,7 +172,7 @@ def _align(items):
 
 
 def _numpy(x):
-    return np.asarray(keras.ops.convert_to_numpy(x), np.float64)
+    return np.asarray(x.numpy() if hasattr(x, "numpy") else x, np.float64)
 
 
 def _geometric_mean(items):
