@@ -107,7 +107,8 @@ def retrained(model, train, test, epochs, weight_decay=5e-4):
 
 
 GROUP_METHODS = ("l1-norm (uniform)", "l1-norm (global)", "random", "greedy (reconstruction)",
-                 "channel-STR (groups)", "greedy (loss, budget stop)", "greedy (loss, 98% stop)")
+                 "channel-STR (groups)", "channel-STR (groups, MACs target)", "greedy (loss, budget stop)",
+                 "greedy (loss, 98% stop)")
 
 
 def str_target(a, net, budget):
@@ -126,6 +127,11 @@ def group_pruned(method, dense, budget, train, a, seed, val=None, net=None):
         from structured_str import channel_str as str_groups
 
         sparse, _, _ = str_groups(net, str_target(a, net, budget), True, train, val, a.epochs)
+        return tfs.strip(sparse)
+    if method == "channel-STR (groups, MACs target)":  # the same, steered by TargetFlops(budget)
+        from structured_str import channel_str as str_groups
+
+        sparse, _, _ = str_groups(net, None, True, train, val, a.epochs, flops=budget)
         return tfs.strip(sparse)
     if method == "l1-norm (uniform)":
         return tfs.pruning.l1_norm_prune(dense, flops=budget)

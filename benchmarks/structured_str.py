@@ -41,11 +41,14 @@ def evaluate(model, x, y):
     return float(np.mean(np.argmax(logits, 1) == y)), logits
 
 
-def channel_str(net, target, groups, train, val, epochs):
+def channel_str(net, target, groups, train, val, epochs, flops=None):
+    """Channel-STR trained from scratch, steered to weight sparsity `target` or, with `flops`, to that MACs fraction."""
     model = tfs.soft_threshold(getattr(tfs.zoo, net)(), granularity="channel", weight_decay=5e-4,
                                learn_threshold=False, shrink=False, channel_groups=groups)
     steps = int(np.ceil(len(train[0]) / 128))
-    steer = tfs.callbacks.TargetSparsity(target, begin_step=tfs.recipes.STR_WARMUP_EPOCHS * steps)
+    begin = tfs.recipes.STR_WARMUP_EPOCHS * steps
+    steer = (tfs.callbacks.TargetSparsity(target, begin_step=begin) if flops is None else
+             tfs.callbacks.TargetFlops(flops, begin_step=begin))
     start = time.perf_counter()
     result = train_classifier(model, train, val, epochs=epochs, callbacks=[steer])
     return model, time.perf_counter() - start, result["seconds_per_step"]
