@@ -160,6 +160,24 @@ def segment_rms(parts, counts):
     return ops.sqrt(ops.maximum(total / ops.convert_to_tensor(np.asarray(counts, "float32")), 1e-30))
 
 
+def segment_rms_numpy(parts, counts):
+    """`segment_rms` in NumPy float64, for eager readers (steering) where TF's segment sums are slow.
+
+    >>> k = np.array([[3.0, 0.0], [4.0, 0.0]])
+    >>> rms = segment_rms_numpy([(k, 1, np.array([0, 1])), (k, 0, np.array([1, 2]))], np.array([2.0, 4.0]))
+    >>> [round(float(v), 3) for v in rms]
+    [3.536, 1.5]
+    """
+    n = len(counts)
+    total = np.zeros(n + 1)
+    for kernel, axis, ids in parts:
+        x = np.asarray(ops.convert_to_numpy(kernel), "float64")
+        axis = axis % x.ndim
+        squares = np.square(x).sum(axis=tuple(a for a in range(x.ndim) if a != axis))
+        total += np.bincount(ids, weights=squares, minlength=n + 1)
+    return np.sqrt(np.maximum(total[:n] / np.asarray(counts, "float64"), 1e-30))
+
+
 def topk_mask(scores, k, method="histogram"):
     """Boolean mask with exactly `k` True entries at the largest `scores`.
 

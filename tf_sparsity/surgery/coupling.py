@@ -114,22 +114,17 @@ class ChannelCoupling:
         plan = self._plan_all()
         if not self.num_units:
             return ops.ones((1,), "float32")
-        return self._factors(None, plan, shrink)[0]
+        return self._factors(plan, shrink)[0]
 
     def unit_rms(self):
         """Every unit's joint RMS (the magnitude its threshold is compared with), NumPy float64.
 
-        `ops.segment_rms`'s sums in NumPy: the steering solver reads it
-        eagerly, where ~100 kernels' TensorFlow segment sums take seconds.
+        `ops.segment_rms_numpy`: the steering solver reads it eagerly, where
+        ~100 kernels' TensorFlow segment sums take seconds.
         """
         plan = self._plan_all()
-        total = np.zeros(self.num_units + 1)
-        for other, k, axis, ids in plan.parts:
-            x = np.asarray(ops.convert_to_numpy(other.kernels[k]), "float64")
-            axis = axis % x.ndim
-            squares = np.square(x).sum(axis=tuple(a for a in range(x.ndim) if a != axis))
-            total += np.bincount(ids, weights=squares, minlength=self.num_units + 1)
-        return np.sqrt(np.maximum(total[:self.num_units] / plan.counts, 1e-30))
+        return sparse_ops.segment_rms_numpy([(other.kernels[k], axis, ids) for other, k, axis, ids in plan.parts],
+                                            plan.counts)
 
     def threshold_weights(self):
         """`[(wrapper, w)]`: unit `u`'s threshold is `sum w[u] * wrapper.threshold()`."""
@@ -224,13 +219,13 @@ class ChannelCoupling:
         self._plans[id(wrapper)] = plan
         return plan
 
-    def _factors(self, wrapper, plan, shrink=None):
+    def _factors(self, plan, shrink):
         rms = sparse_ops.segment_rms([(other.kernels[k], axis, ids) for other, k, axis, ids in plan.parts],
                                      plan.counts)
         threshold = 0.0
         for other, w in plan.weights:
             threshold = threshold + ops.convert_to_tensor(w.astype("float32")) * other.threshold()
-        factor = sparse_ops.shrink_factor(rms, threshold, wrapper.shrink if shrink is None else shrink)
+        factor = sparse_ops.shrink_factor(rms, threshold, shrink)
         return ops.concatenate([factor, ops.ones((1,), "float32")]), rms
 
     def effective_kernels(self, wrapper):
@@ -242,7 +237,7 @@ class ChannelCoupling:
             plan = self._plan(wrapper)
             if plan is None:
                 return kernels
-            (factor, _), own = self._factors(wrapper, plan), plan.own
+            (factor, _), own = self._factors(plan, wrapper.shrink), plan.own
         out = []
         for kernel, (rows, cols) in zip(kernels, own):
             kernel = kernel * ops.reshape(ops.take(factor, rows), (-1, 1))
@@ -260,7 +255,7 @@ class ChannelCoupling:
         plan = self._plan(wrapper)
         if plan is None:
             return np.zeros(0, "float32"), np.zeros(0)
-        _, rms = self._factors(wrapper, plan)
+        _, rms = self._factors(plan, wrapper.shrink)
         rms = ops.convert_to_numpy(rms)
         n = len(plan.units)
         # Index n is "no unit here": infinitely large, so the other axis's unit takes the entry.
