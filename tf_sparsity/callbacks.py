@@ -315,13 +315,12 @@ class TargetFlops(TargetSparsity):
         self.flops_reached = None
 
     def _coupling(self):
-        coupling = getattr(self.model, "channel_coupling", None)
-        if not isinstance(self.model, surgery.ChannelGroupModel) or coupling is None:
+        if not isinstance(self.model, surgery.ChannelGroupModel) or self.model.channel_coupling is None:
             raise ValueError(
                 "TargetFlops steers channel-STR over channel groups: train the model returned by "
                 "`tfs.soft_threshold(model, granularity='channel')` (channel_groups=True); received "
                 f"{type(self.model).__name__} '{self.model.name}'.")
-        return coupling
+        return self.model.channel_coupling
 
     def on_train_begin(self, logs=None):
         coupling = self._coupling()
