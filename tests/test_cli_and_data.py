@@ -118,12 +118,14 @@ def cli_files(tmp_path, mnist1d_data):
     return tmp_path
 
 
-@pytest.mark.parametrize("method, extra", [("str", ["--sparsity", "0.8"]), ("synflow", ["--sparsity", "0.9"]),
+@pytest.mark.parametrize("method, extra", [("str", ["--sparsity", "0.8"]),
+                                           ("str", ["--sparsity", "0.8", "--learn-threshold", "--keep-wrappers"]),
+                                           ("synflow", ["--sparsity", "0.9"]),
                                            ("gsm", ["--sparsity", "0.9"]),
                                            ("greedy", ["--flops", "0.5", "--finetune-steps", "5"])])
 @pytest.mark.slow
 def test_prune_command(method, extra, cli_files, capsys):
-    out = cli_files / f"{method}.keras"
+    out = cli_files / f"{method}{len(extra)}.keras"
     code = cli.main(["prune", str(cli_files / "model.keras"), "--method", method, "--data",
                      str(cli_files / "data.npz"), "-o", str(out), "--epochs", "1", "--from-logits", "--quiet",
                      *extra])
@@ -135,7 +137,10 @@ def test_prune_command(method, extra, cli_files, capsys):
     else:
         target = 0.8 if method == "str" else 0.9  # gsm: final_prune keeps exactly the top 10%
         assert abs(report.sparsity - target) <= 0.01
-    assert not tfs.surgery.wrappers(pruned)  # stripped
+    if "--keep-wrappers" in extra:  # the paper's learned per-layer thresholds, kept trainable
+        assert all(w.learn_threshold for w in tfs.surgery.wrappers(pruned))
+    else:
+        assert not tfs.surgery.wrappers(pruned)  # stripped
 
 
 def test_prune_command_errors(cli_files, capsys):

@@ -23,7 +23,7 @@ def _parser():
     prune = sub.add_parser("prune", help="prune (and train where the method needs it) a .keras model")
     prune.add_argument("model", help="input .keras model (built Sequential or functional)")
     prune.add_argument("--method", required=True, choices=PRUNE_METHODS,
-                       help="str: learned thresholds (trains); gsm: global sparse momentum (trains); "
+                       help="str: soft-threshold pruning with one shared threshold steered to the target (trains; '--learn-threshold' for the paper's learned per-layer thresholds); gsm: global sparse momentum (trains); "
                             "synflow/snip/grasp/magnitude/random: prune at init, then train; "
                             "greedy / l1: remove channels (optional imitation fine-tune); "
                             "lowrank: GRU/LSTM layers become low-rank STR layers steered to rank "
@@ -47,6 +47,9 @@ def _parser():
     prune.add_argument("--finetune-steps", type=int, default=300, help="greedy / l1 imitation fine-tune steps")
     prune.add_argument("--granularity", default="weight", choices=("weight", "block", "channel"),
                        help="STR group: single weights, 1x4 blocks (fast float FC on LiteRT), channels")
+    prune.add_argument("--learn-threshold", action="store_true",
+                       help="str: the paper's learned per-layer thresholds (the decay on s is steered to the "
+                            "target) instead of one shared threshold")
     prune.add_argument("--keep-wrappers", action="store_true",
                        help="save the trainable wrapped model instead of the stripped plain one")
     prune.add_argument("--quiet", action="store_true")
@@ -124,7 +127,7 @@ def _prune(args):
     verbose = 0 if args.quiet else 1
     callbacks, optimizer = [], None
     if args.method == "str":
-        model = tfs.recipes.str_model(model, granularity=args.granularity)
+        model = tfs.recipes.str_model(model, granularity=args.granularity, learn_threshold=args.learn_threshold)
         callbacks = [tfs.callbacks.TargetSparsity(**given), tfs.callbacks.SparsityMonitor()]
     elif args.method == "gsm":
         steps = args.epochs * int(np.ceil(len(train[0]) / args.batch_size))
