@@ -8,6 +8,8 @@
     python benchmarks/str_bn_cnn.py --merge /tmp/str_test_seed0.json ... --out benchmarks/results/str_bn_cnn.json
     python benchmarks/str_bn_cnn.py --seeds 1 --epochs 12 --validation --targets 0.95 \
         --methods str-learned --decay-gains 1 3 --out /tmp/str_bn_tune.json   # tuning, validation split
+    python benchmarks/str_bn_cnn.py --seed-list S --epochs 12 --targets 0.95 0.98 --no-dense --methods paper-steered \
+        --decay-gains 5 --decay-max-rates 0.05 --trace --out /tmp/test_ps_seedS.json   # session 6, the paper regime steered
 
 `tfs.zoo.mnist1d_cnn_bn()` (conv-BN-ReLU x3, dense256, dense10; Keras'
 Glorot-uniform init for every row), MNIST-1D (`--samples`, 80/20 split),
