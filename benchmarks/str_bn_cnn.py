@@ -8,6 +8,8 @@
     python benchmarks/str_bn_cnn.py --merge /tmp/str_test_seed0.json ... --out benchmarks/results/str_bn_cnn.json
     python benchmarks/str_bn_cnn.py --seeds 1 --epochs 12 --validation --targets 0.95 \
         --methods str-learned --decay-gains 1 3 --out /tmp/str_bn_tune.json   # tuning, validation split
+    python benchmarks/str_bn_cnn.py --seed-list S --epochs 12 --targets 0.95 0.98 --no-dense --methods paper-steered \
+        --decay-gains 5 --decay-max-rates 0.05 --trace --out /tmp/test_ps_seedS.json   # session 6, the paper regime steered
 
 `tfs.zoo.mnist1d_cnn_bn()` (conv-BN-ReLU x3, dense256, dense10; Keras'
 Glorot-uniform init for every row), MNIST-1D (`--samples`, 80/20 split),
@@ -40,6 +42,13 @@ Rows (`--methods`):
   gradient exactly 0), sparsity from the decay on `s` alone
   (`threshold_decay=--paper-st-decay`), no steering; one row, whatever
   sparsity it reaches.
+- `paper-steered`: the paper regime steered to the target by the paper's
+  knob: `s_init=--paper-s-init`, learned thresholds with the sum gradient
+  (the paper's update), `TargetSparsity(steer="decay", decay_rule="ratio")`
+  scaling the decay on `s` (base `threshold_decay=--paper-st-decays[0]`)
+  so that `s` contracts multiplicatively, at most `--decay-max-rates` in
+  `log |s|` per step, until sparsity appears and then follows the ramp;
+  one final offset lands on the target as in `str-learned`.
 Each row reports accuracy after `tfs.recalibrate_batchnorm` (and as
 trained), sparsity, effective MACs / dense MACs and the per-layer budgets;
 `--trace` adds per-epoch thresholds, sparsity and dL/dtau per layer.
@@ -69,7 +78,10 @@ NAMES = {
     "shared": "shared-threshold soft pruning",
     "tfmot": "tfmot magnitude pruning (prune_low_magnitude + PolynomialDecay)",
     "paper-regime": "STR (learned per-layer thresholds, the paper), paper regime: s_init -3200, decay alone, no steering",
+    "paper-steered": "STR (learned per-layer thresholds, the paper), paper regime (s_init -3200), decay steered to the "
+                     "target (ratio rule)",
 }
+DECAY_STEERED = ("str-learned", "str-mean", "str-sqrt", "paper-steered")
 
 
 class ThresholdTrace(keras.callbacks.Callback):
@@ -120,7 +132,7 @@ class ThresholdTrace(keras.callbacks.Callback):
         self.rows.append(row)
 
 
-def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.0):
+def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.0, max_rate=None):
     keras.utils.set_random_seed(seed)
     callbacks = []
     if kind == "dense":
@@ -128,6 +140,11 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.
     elif kind == "paper-regime":
         model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(), s_init=a.paper_s_init, weight_decay=a.weight_decay,
                                    threshold_decay=st_decay)
+    elif kind == "paper-steered":
+        model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(), s_init=a.paper_s_init, weight_decay=a.weight_decay,
+                                   threshold_decay=a.paper_st_decays[0])
+        callbacks = [tfs.callbacks.TargetSparsity(target, end_fraction=a.end_fraction, steer="decay",
+                                                  decay_gain=gain, decay_rule="ratio", decay_max_rate=max_rate)]
     else:
         model = tfs.soft_threshold(tfs.zoo.mnist1d_cnn_bn(), s_init=a.s_init, weight_decay=a.weight_decay,
                                    learn_threshold=kind != "shared", threshold_lr_scale=lr_scale,
@@ -148,7 +165,8 @@ def run_keras(kind, target, seed, data, a, gain=None, st_decay=None, lr_scale=1.
            "macs_ratio": report.effective_flops / report.flops if report.flops else None,
            "layer_sparsity": {r.name: r.sparsity for r in report.layers if r.prunable},
            "seconds_per_step": result["seconds_per_step"], "decay_gain": gain,
-           "threshold_lr_scale": lr_scale if kind in LEARNED else None, "epochs": a.epochs}
+           "threshold_lr_scale": lr_scale if kind in LEARNED else None, "epochs": a.epochs,
+           "decay_max_rate": max_rate}
     if kind != "dense":
         out["logits"] = {w.layer.name: float(w.threshold_logit) for w in tfs.surgery.wrappers(model)}
     if callbacks and getattr(callbacks[0], "mode", None) == "decay":
@@ -178,6 +196,8 @@ def main():
     p.add_argument("--s-init", type=float, default=-5.0)
     p.add_argument("--end-fraction", type=float, default=0.7)
     p.add_argument("--decay-gains", type=float, nargs="+", default=[1.0])
+    p.add_argument("--decay-max-rates", type=float, nargs="+", default=[0.025],
+                   help="paper-steered: largest change of log|s| per step (one row each)")
     p.add_argument("--threshold-lr-scales", type=float, nargs="+", default=[1.0],
                    help="threshold_lr_scale values for the learned rows (one row each)")
     p.add_argument("--paper-s-init", type=float, default=-3200.0)
@@ -198,6 +218,7 @@ def main():
         print(table(rows))
         print(trace_table(rows))
         print(trace_table(rows, "paper-regime"))
+        print(trace_table(rows, "paper-steered"))
         return
     train, test = tfs.datasets.mnist1d(num_samples=a.samples)
     if a.validation:
@@ -222,14 +243,14 @@ def main():
                 for kind in a.methods:
                     if kind == "paper-regime":
                         continue
-                    for gain, lr_scale in [(g, c) for g in (a.decay_gains if kind in ("str-learned", "str-mean", "str-sqrt")
-                                                             else [None])
-                                           for c in (a.threshold_lr_scales if kind in LEARNED else [1.0])]:
-                        r = run_tfmot(target, seed, npz, a) if kind == "tfmot" else run_keras(kind, target, seed, data,
-                                                                                             a, gain, lr_scale=lr_scale)
+                    for gain, lr_scale, rate in [(g, c, m) for g in (a.decay_gains if kind in DECAY_STEERED else [None])
+                                                 for c in (a.threshold_lr_scales if kind in LEARNED else [1.0])
+                                                 for m in (a.decay_max_rates if kind == "paper-steered" else [None])]:
+                        r = run_tfmot(target, seed, npz, a) if kind == "tfmot" else run_keras(
+                            kind, target, seed, data, a, gain, lr_scale=lr_scale, max_rate=rate)
                         rows.append(dict(method=kind, target=target, seed=seed, **r))
                         write_results(a.out, {"args": vars(a), "rows": rows, "partial": True})
-                        print(f"seed {seed} {kind} {target} gain {gain} lr-scale {lr_scale} acc {r['accuracy']:.4f} "
+                        print(f"seed {seed} {kind} {target} gain {gain} lr-scale {lr_scale} max-rate {rate} acc {r['accuracy']:.4f} "
                               f"(as trained {r.get('accuracy_as_trained')}) "
                               f"sp {r['sparsity']:.4f} before-finish {r.get('sparsity_before_finish')} "
                               f"macs {r.get('macs_ratio')} {r.get('layer_sparsity')}", flush=True)
@@ -247,14 +268,14 @@ def table(rows):
     def key(r):
         return (r["method"], r["target"], r.get("decay_gain") or r.get("paper_st_decay"),
                 r.get("threshold_lr_scale") if r.get("threshold_lr_scale") not in (None, 1.0) else None,
-                r.get("epochs"))
+                r.get("epochs"), r.get("decay_max_rate"))
 
     keys = []
     for r in rows:
         if key(r) not in keys:
             keys.append(key(r))
-    for method, target, gain, lr_scale, epochs in keys:
-        group = [r for r in rows if key(r) == (method, target, gain, lr_scale, epochs)]
+    for method, target, gain, lr_scale, epochs, rate in keys:
+        group = [r for r in rows if key(r) == (method, target, gain, lr_scale, epochs, rate)]
         acc = np.array([r["accuracy"] for r in group]) * 100
         raw = [r["accuracy_as_trained"] for r in group if r.get("accuracy_as_trained") is not None]
         raw = f"{100 * np.mean(raw):.2f} ± {100 * np.std(raw):.2f}" if raw else "–"
@@ -265,7 +286,8 @@ def table(rows):
         per = ("/".join(f"{100 * np.mean([l[n] for l in layers]):.0f}" for n in layers[0]) if layers else "–")
         knob = "threshold_decay" if method == "paper-regime" else "gain"
         name = NAMES[method] + (f" ({knob} {gain:g})" if gain else "") + (
-            f" (threshold_lr_scale {lr_scale:g})" if lr_scale else "") + (f", {epochs} epochs" if epochs else "")
+            f" (threshold_lr_scale {lr_scale:g})" if lr_scale else "") + (
+            f" (max rate {rate:g})" if rate else "") + (f", {epochs} epochs" if epochs else "")
         lines.append(f"| {name} | {'-' if target is None else f'{target:.2f}'} | {acc.mean():.2f} ± {acc.std():.2f} "
                      f"(n={len(acc)}) | {raw} | {sp:.1f}% | {f'{100 * np.mean(before):.1f}%' if before else '–'} | "
                      f"{f'{np.mean(macs):.3f}' if macs else '–'} | {per} |")

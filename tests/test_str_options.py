@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import tf_sparsity as tfs
 from support import compile_sgd
+from tf_sparsity.steering import logit_bounds
 
 
 def _grad_on_s(layer, x):
@@ -120,6 +121,57 @@ def test_decay_steering_tracks_the_target_without_an_offset(mnist1d_data):
     # ... and every layer's s is its own.
     logits = [float(w.threshold_logit) for w in wrappers]
     assert max(logits) - min(logits) > 0.3
+
+
+def _paper_regime_fit(steps, rule, finish="none", target=0.5, s_init=-3200.0, momentum=0.9, nesterov=False):
+    # s_init -3200: sigmoid'(s) is exactly 0, so only the steered decay moves s.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(4)])
+    sparse = tfs.soft_threshold(model, s_init=s_init, weight_decay=1e-4, threshold_decay=0.01)
+    sparse.compile(keras.optimizers.SGD(0.1, momentum=momentum, nesterov=nesterov),
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logits = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: logits.append([float(w.threshold_logit) for w in tfs.surgery.wrappers(sparse)]))
+    steer = tfs.callbacks.TargetSparsity(target, end_step=steps // 2, update_every=10, steer="decay",
+                                         finish=finish, decay_rule=rule, decay_max_rate=0.025)
+    x = np.random.default_rng(0).normal(size=(16 * steps, 16)).astype("float32")
+    sparse.fit(x, np.arange(len(x)) % 4, batch_size=16, epochs=1, verbose=0, callbacks=[steer, record])
+    return sparse, steer, np.array(logits)
+
+
+def test_ratio_rule_brings_the_paper_regime_to_the_target_without_overshoot():
+    sparse, steer, logits = _paper_regime_fit(400, "ratio")
+    # Far from the active region |s| contracts at the capped rate: the heavy-ball root formula is exact.
+    rate = np.diff(np.log(np.abs(logits[100:250, 0])))  # after the momentum transient, before s nears -10
+    np.testing.assert_allclose(rate, -0.025, rtol=0.02)
+    assert (logits < 0).all()                           # momentum never carried s past 0
+    assert abs(tfs.sparsity(sparse) - 0.5) < 0.05       # the decay alone, no offset (finish="none")
+    assert all(float(w.threshold_offset) == 0.0 for w in tfs.surgery.wrappers(sparse))
+    # The linearized rule moves s by 2 logits per update at most: from -3200 it never arrives.
+    sparse, _, logits = _paper_regime_fit(400, "shift")
+    assert tfs.sparsity(sparse) == 0.0 and logits[-1, 0] < -3000
+
+
+def test_finish_offset_reaches_far_logits():
+    # Stopped while s is still ~-3000: the final offset must search past the solver's default (-100, 100).
+    sparse, steer, _ = _paper_regime_fit(20, "ratio", finish="offset", target=0.3)
+    assert steer.sparsity_before_finish == 0.0
+    assert abs(tfs.sparsity(sparse) - 0.3) < 0.02
+    lo, hi = logit_bounds(tfs.surgery.wrappers(sparse))
+    assert lo < -3000 and hi > 3000
+
+
+def test_decay_rule_options_serialize_and_are_checked():
+    config = tfs.callbacks.TargetSparsity(0.9, steer="decay", decay_rule="ratio", decay_max_rate=0.01).get_config()
+    again = tfs.callbacks.TargetSparsity.from_config(config)
+    assert (again.decay_rule, again.decay_max_rate) == ("ratio", 0.01)
+    assert tfs.callbacks.TargetSparsity(0.9).decay_rule == "shift"   # the default is unchanged
+    with pytest.raises(ValueError, match="`rule`"):
+        tfs.callbacks.TargetSparsity(0.9, decay_rule="log")
+    for bad in (0.0, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="`max_rate`"):
+            tfs.callbacks.TargetSparsity(0.9, decay_rule="ratio", decay_max_rate=bad)
 
 
 DATA = Path(__file__).parent / "data"

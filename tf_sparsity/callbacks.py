@@ -12,8 +12,8 @@ from tf_sparsity.logs import publish
 from tf_sparsity.protocols import DecaySteerable
 from tf_sparsity.collapse import LayerCollapseError, LayerCollapseWarning, check_on_collapse, report_collapse
 from tf_sparsity.schedules import PolynomialRamp
-from tf_sparsity.steering import (DecayController, current_sparsity, solve_flops_offset, solve_threshold_offset,
-                                  steerables)
+from tf_sparsity.steering import (DecayController, current_sparsity, logit_bounds, solve_flops_offset,
+                                  solve_threshold_offset, steerables)
 from tf_sparsity.summarize import summary
 
 __all__ = ["LayerCollapseError", "LayerCollapseWarning", "SparsityMonitor", "TargetFlops", "TargetSparsity",
@@ -131,6 +131,14 @@ class TargetSparsity(keras.callbacks.Callback):
             the sparsity where the controller brought it.
         decay_gain: share of the needed logit shift the decay should make
             over the next `update_every` steps (1 = all of it).
+        decay_rule: with `steer="decay"`, how the multiplier is sized
+            (`tf_sparsity.steering.DecayController`): "shift" (default,
+            linearized in logits, at most 2 logits per update) or "ratio"
+            (multiplicative in `s`, exact under momentum, for any `s_init`:
+            the paper regime, `s_init=-3200`).
+        decay_max_rate: with `decay_rule="ratio"`, the largest change of
+            `log |s|` per step (below -log(momentum) / 2, where momentum
+            would carry `s` past 0).
 
     Example:
 
@@ -140,7 +148,7 @@ class TargetSparsity(keras.callbacks.Callback):
 
     def __init__(self, sparsity=None, begin_step=0, end_step=None, end_fraction=0.7, update_every=20,
                  power=3, on_collapse="warn", *, compression=None, target=None, steer="offset",
-                 finish="offset", decay_gain=1.0):
+                 finish="offset", decay_gain=1.0, decay_rule="shift", decay_max_rate=0.025):
         super().__init__()
         budget = resolve_budget(compression, sparsity, target=target)
         if not 0 < end_fraction <= 1:
@@ -154,6 +162,9 @@ class TargetSparsity(keras.callbacks.Callback):
             raise ValueError(f"`steer` must be 'auto', 'offset' or 'decay'; received {steer!r}.")
         if finish not in ("offset", "none"):
             raise ValueError(f"`finish` must be 'offset' or 'none'; received {finish!r}.")
+        self._controller = DecayController(decay_gain, rule=decay_rule, max_rate=decay_max_rate)  # checks both
+        self.decay_rule = decay_rule
+        self.decay_max_rate = float(decay_max_rate)
         self.steer = steer
         self.finish = finish
         self.decay_gain = float(decay_gain)
@@ -189,7 +200,7 @@ class TargetSparsity(keras.callbacks.Callback):
             bad = [w.steering_name for w in self.wrappers if not isinstance(w, DecaySteerable)]
             if bad:
                 raise ValueError(f"`steer='decay'` needs SoftThreshold wrappers; {bad} have no decay on `s`.")
-            self._controller = DecayController(self.decay_gain)
+            self._controller = DecayController(self.decay_gain, rule=self.decay_rule, max_rate=self.decay_max_rate)
             for wrapper in self.wrappers:  # the dynamics carry no offset
                 wrapper.threshold_offset.assign(0.0)
             self.trace = []  # (step, scheduled target, sparsity, decay multiplier)
@@ -247,7 +258,8 @@ class TargetSparsity(keras.callbacks.Callback):
             self.update()
             self.sparsity_before_finish = current_sparsity(self.wrappers)
             if self.finish == "offset":
-                offset, collapsed = solve_threshold_offset(self.wrappers, self.current_target(self._optimizer_step()))
+                offset, collapsed = solve_threshold_offset(self.wrappers, self.current_target(self._optimizer_step()),
+                                                           bounds=logit_bounds(self.wrappers))
                 for wrapper in self.wrappers:
                     wrapper.threshold_offset.assign(offset)
             return
@@ -258,7 +270,8 @@ class TargetSparsity(keras.callbacks.Callback):
             "sparsity": self.budget.sparsity, "compression": self.budget.compression, "begin_step": self.begin_step, "end_step": self.end_step,
             "end_fraction": self.end_fraction, "update_every": self.update_every,
             "power": self.power, "on_collapse": self.on_collapse, "steer": self.steer,
-            "finish": self.finish, "decay_gain": self.decay_gain,
+            "finish": self.finish, "decay_gain": self.decay_gain, "decay_rule": self.decay_rule,
+            "decay_max_rate": self.decay_max_rate,
         }
 
     @classmethod
