@@ -382,14 +382,37 @@ def test_op_agreement_compares_each_op_on_identical_inputs():
     assert runner.failures == 0 and runner.tries > 0
 
 
-def test_a_collapsed_int8_range_is_named_when_xnnpack_refuses_the_model():
-    # A squeeze-excite unit whose ReLU never fires (what channel pruning can leave):
-    # its consumer's bias gets a ~0 scale and XNNPack will not prepare the model.
+def dead_se_model(reduce_units=1):
+    """A squeeze-excite block whose reduce units never fire (what channel pruning can leave)."""
     inp = keras.Input((8, 4))
     s = keras.layers.GlobalAveragePooling1D(keepdims=True)(inp)
-    s = keras.layers.Conv1D(1, 1, activation="relu", bias_initializer=keras.initializers.Constant(-100.0))(s)
-    s = keras.layers.Conv1D(4, 1, activation="sigmoid")(s)
+    s = keras.layers.Conv1D(reduce_units, 1, activation="relu", name="se_reduce",
+                            bias_initializer=keras.initializers.Constant(-100.0))(s)
+    s = keras.layers.Conv1D(4, 1, activation="sigmoid", name="se_expand")(s)
     out = keras.layers.Dense(3)(keras.layers.Flatten()(keras.layers.Multiply()([inp, s])))
-    x = np.random.default_rng(0).normal(size=(64, 8, 4)).astype("float32")
+    return keras.Model(inp, out), np.random.default_rng(0).normal(size=(64, 8, 4)).astype("float32")
+
+
+def test_a_collapsed_int8_range_is_named_when_xnnpack_refuses_the_model():
+    # Without the fold, the dead unit's consumer gets a ~0 scale and XNNPack will not prepare the model.
+    model, x = dead_se_model()
     with pytest.raises(tfs.export.ExportError, match="collapsed int8 range"):
-        tfs.export.convert(keras.Model(inp, out), target="tflm", quantize="int8", representative_data=x)
+        tfs.export.convert(model, target="tflm", quantize="int8", representative_data=x, fold_constant_units=False)
+    with pytest.raises(ValueError, match="fold_constant_units"):
+        tfs.export.convert(model, quantize="int8", representative_data=x, fold_constant_units="yes")
+
+
+@pytest.mark.parametrize("reduce_units", [1, 3])
+def test_units_constant_on_the_calibration_data_are_folded_and_xnnpack_runs_the_model(reduce_units):
+    model, x = dead_se_model(reduce_units)
+    for target in ("litert", "tflm"):
+        r = tfs.export.convert(model, target=target, quantize="int8", representative_data=x)
+        assert [f["action"] for f in r.report.folded] == ["kept"] + ["removed"] * (reduce_units - 1)
+        assert all(f["group"] == "se_reduce" and f["constant"] == 0.0 and f["varies"] for f in r.report.folded[:1])
+        assert any("folded" in n for n in r.report.notes) and "constant unit se_reduce[0]" in str(r.report)
+        v = r.report.verification  # LiteRT with XNNPack, vs the original Keras model
+        assert "XNNPack" in v["runtime"] and v["argmax_agreement"] == 1.0 and v["max_error_steps"] <= 2
+    interpreter = export.runtimes.litert_interpreter(r.tflite)  # and the TFLM file runs on XNNPack too
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    float_result = tfs.export.convert(model, representative_data=x)  # float: nothing folded, nothing asked
+    assert float_result.report.folded == []

@@ -16,7 +16,13 @@ from tf_sparsity.export.errors import VerificationError
 from tf_sparsity.export.inputs import input_specs, random_samples, samples
 from tf_sparsity.export.inspection import inspect
 from tf_sparsity.export.outputs import write_outputs
-from tf_sparsity.export.prepare import check_model, check_quantize, check_weight_quantization, prepare
+from tf_sparsity.export.prepare import (
+    check_model,
+    check_quantize,
+    check_weight_quantization,
+    fold_constant,
+    prepare,
+)
 from tf_sparsity.export.result import ExportReport, ExportResult, fill_report
 from tf_sparsity.export.verify import (
     keras_outputs,
@@ -35,7 +41,7 @@ COMPRESS_MODES = (None, "lut")
 def convert(model, target="litert", quantize=None, representative_data=None, sparse="auto", path=None,
             verify=True, *, batch_size=1, input_shape=None, compress=None, c_files=None,
             calibration_steps=100, verify_samples=16, recurrent="auto", step_head="joined",
-            weight_quantization=None):
+            weight_quantization=None, fold_constant_units=True):
     """Convert a Keras 3 model to a .tflite model for `target`, verified on its runtime.
 
     Args:
@@ -101,6 +107,17 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
             (measured within 1 point of float Keras on five MNIST-1D RNNs,
             arena 20-45% smaller), "per_channel" otherwise. CONV_2D weights
             stay per channel. Not applied by the fused LSTM form (a note).
+        fold_constant_units: int8 only. True (default): before converting,
+            remove the channel-group units whose consumers read a tensor
+            that is constant on the calibration samples, their value folded
+            into the consumers' bias (`tfs.surgery.fold_constant_units` with
+            `whole_tensors=True`; listed in `report.folded`). Such a tensor's
+            calibrated range is a point, so the int8 model holds that
+            constant whatever the input: folding changes nothing int8
+            computes, while the zero scale it would get makes XNNPack refuse
+            the model (measured: a pruned MobileNet whose squeeze-excite unit
+            never fires). So a user gets the model that runs, not an error.
+            False converts the model as it is.
 
     Returns:
         `ExportResult` with `.tflite`, `.path`, `.report`.
@@ -148,6 +165,10 @@ def convert(model, target="litert", quantize=None, representative_data=None, spa
     data = samples(representative_data, specs, limit=max(calibration_steps, verify_samples))
     _require_calibration(quantize, data, specs, spec)
     calibration = data[:calibration_steps]
+    if fold_constant_units not in (True, False):
+        raise ValueError(f"`fold_constant_units` must be True or False; received {fold_constant_units!r}.")
+    if quantize == "int8" and fold_constant_units:
+        prepared = fold_constant(prepared, calibration, report)
 
     def dense():
         return run_converter(prepared, specs, quantize, calibration, sparse=False, per_channel=per_channel)

@@ -1,16 +1,19 @@
 """Stage 1 of `convert`: check the model and make it convertible.
 
 Strip tf_sparsity wrappers and low-rank STR cells (pruned weights become exact
-zeros, ranks become factors) and unroll recurrent layers for integer targets.
+zeros, ranks become factors) and unroll recurrent layers for integer targets;
+for int8, fold the units whose tensors are constant on the calibration data
+(`fold_constant`).
 """
 
 import keras
+import numpy as np
 
 from tf_sparsity import _compat, prunable, surgery
 from tf_sparsity.export import targets
 from tf_sparsity.protocols import StrippableCell
 
-__all__ = ["check_model", "check_quantize", "check_weight_quantization", "prepare"]
+__all__ = ["check_model", "check_quantize", "check_weight_quantization", "fold_constant", "prepare"]
 
 
 def check_quantize(quantize, spec):
@@ -131,3 +134,35 @@ def _needs_unroll(layer):
     if isinstance(layer, keras.layers.Bidirectional):
         return not layer.forward_layer.unroll
     return isinstance(layer, keras.layers.RNN) and not layer.unroll
+
+
+def fold_constant(model, calibration, report):
+    """`model` with the channel-group units constant on `calibration` folded (int8 stage 1b).
+
+    Only units whose consumers read a tensor constant as a whole
+    (`fold_constant_units(..., whole_tensors=True)`): their calibrated int8
+    range is a point, so the int8 model holds that constant anyway, and the
+    zero scale it gets makes XNNPack refuse the model. What was folded goes
+    to `report.folded` and a note. Models the channel analysis cannot rebuild
+    (subclassed) are converted as they are: if a range collapses there,
+    LiteRT's load error names the tensors (`runtimes.litert_interpreter`).
+    """
+    if not calibration or not isinstance(model, _compat.REBUILDABLE_MODELS) or surgery.wrappers(model):
+        return model
+    x = [np.concatenate([sample[i] for sample in calibration]) for i in range(len(calibration[0]))]
+    folded, entries = surgery.fold_constant_units(model, x, whole_tensors=True)
+    report.folded = entries
+    done = [e for e in entries if e["action"] != "not folded"]
+    if done:
+        report.notes.append(
+            f"folded {len(done)} unit(s) constant on representative_data into their consumers' bias ("
+            + ", ".join(f"{e['group']}[{e['unit']}]={e['constant']:.3g}" for e in done[:6])
+            + (", ..." if len(done) > 6 else "") + "): their int8 range was a point (fold_constant_units=False "
+            "keeps them)")
+    stuck = [e for e in entries if e["action"] == "not folded" or not e.get("varies", True)]
+    if stuck:
+        report.warnings.append(
+            f"{len(stuck)} unit(s) are constant on representative_data but could not be folded ("
+            + "; ".join(f"{e['group']}[{e['unit']}]: {e['reason']}" for e in stuck[:3])
+            + "); their int8 range collapses, which XNNPack refuses")
+    return folded

@@ -25,6 +25,9 @@ class ExportReport:
       ("step", "loop", "fused", "unroll"), why, file and arena bytes; for
       step models also the states, their quantization and its effect, and
       the per-sequence agreement with Keras.
+    - `folded`: int8 only, units constant on `representative_data` that
+      were folded into their consumers' bias before converting (group,
+      unit, constant, consumers, action; `tfs.surgery.fold_constant_units`).
     - `warnings`: things the user should act on; `notes`: what was done.
     """
 
@@ -44,6 +47,7 @@ class ExportReport:
     preflight: object = None
     compiler_log: str | None = None
     recurrent: dict = dataclasses.field(default_factory=dict)
+    folded: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
     notes: list = dataclasses.field(default_factory=list)
 
@@ -100,6 +104,9 @@ class ExportReport:
                 agreement = self.recurrent["per_sequence_agreement"]
                 lines.append("    per sequence: tflm vs keras " + _kv(agreement["tflm_vs_keras"]) + "; vs LiteRT "
                              f"reference max {agreement['tflm_vs_litert_reference_max_steps']:g} steps")
+        for f in self.folded:
+            lines.append(f"  constant unit {f['group']}[{f['unit']}] = {f['constant']:.4g} -> "
+                         f"{', '.join(f['consumers'])}: {f['action']}" + (f" ({f['reason']})" if "reason" in f else ""))
         if self.preflight is not None:
             lines += ["  preflight " + line if i == 0 else "  " + line
                       for i, line in enumerate(str(self.preflight).splitlines())]

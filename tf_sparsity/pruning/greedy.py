@@ -387,12 +387,7 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
     producers = [(layer, inp) for layer, kind, inp, _ in groups.layers.values() if kind == "producer"]
     progress = keras.utils.Progbar(len(prunable), verbose=verbose, unit_name="group")
     for step, (name, group) in enumerate(prunable.items()):
-        consumers = []
-        for layer, inp in producers:
-            roots = groups.root(inp)
-            rows = [np.flatnonzero(roots == u) for u in group.units]
-            if any(len(r) for r in rows):
-                consumers.append((layer, rows))
+        consumers = groups.consumers(group)
         inputs = _compat.graph_slice(model.inputs, [layer.input for layer, _ in consumers])([x])
         parts = []
         for (layer, rows), h in zip(consumers, inputs):

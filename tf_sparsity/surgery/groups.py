@@ -145,6 +145,20 @@ class ChannelGroups:
         """The groups that can lose channels, `{name: ChannelGroup}`."""
         return {n: g for n, g in self.groups.items() if g.frozen is None}
 
+    def consumers(self, group):
+        """`[(layer, rows)]`: every Dense / Conv layer reading `group`, where `rows[k]`
+        are its input rows (channels; positions x channels after a `Flatten`) fed by
+        unit `k` of the group (empty for units it does not read)."""
+        out = []
+        for layer, kind, inp, _ in self.layers.values():
+            if kind != "producer":
+                continue
+            roots = self.root(inp)
+            rows = [np.flatnonzero(roots == u) for u in group.units]
+            if any(len(r) for r in rows):
+                out.append((layer, rows))
+        return out
+
     def keep_masks(self, keep):
         """`{id(layer): (input mask, output mask)}` for a choice of units.
 
