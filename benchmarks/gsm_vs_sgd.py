@@ -25,7 +25,12 @@
    - magnitude-ft: one-shot global magnitude pruning, then training with
      the masks fixed;
    - tfmot: `prune_low_magnitude` ramped over the first 70%, in its own
-     process (`_tfmot_worker.py`, needs the `baseline` extra).
+     process (`_tfmot_worker.py`, needs the `baseline` extra);
+   - dense-small: dense nets of `--small-hidden` widths (about GSM's nonzero
+     count), pre-trained and continued exactly like the control (capacity).
+   `--dataset digits` runs LeNet-300-100 (64-300-100-10) on scikit-learn's
+   bundled 8x8 digits instead (1,797 samples, 80/20 split), the
+   over-parameterized regime of the paper's MNIST result.
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
    `--gsm-batch-size` (128) sets the batch of the GSM phase, its control and
    the baselines: GSM's decay budget `eta * sum(lr) / (1 - beta)` counts
