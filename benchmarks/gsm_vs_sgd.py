@@ -38,6 +38,7 @@
    of MNIST at the official batch 256 (the budget is printed and saved).
 """
 
+import argparse
 import os
 import pathlib
 import platform
@@ -269,7 +270,7 @@ def _widths(text):
     except ValueError:
         widths = ()
     if not widths or min(widths) < 1:
-        raise ValueError(f"`--small-hidden`: expected comma-separated positive widths like 57,30; received {text!r}.")
+        raise argparse.ArgumentTypeError(f"`--small-hidden`: expected comma-separated positive widths like 57,30; received {text!r}.")
     return widths
 
 
