@@ -25,7 +25,12 @@
    - magnitude-ft: one-shot global magnitude pruning, then training with
      the masks fixed;
    - tfmot: `prune_low_magnitude` ramped over the first 70%, in its own
-     process (`_tfmot_worker.py`, needs the `baseline` extra).
+     process (`_tfmot_worker.py`, needs the `baseline` extra);
+   - dense-small: dense nets of `--small-hidden` widths (about GSM's nonzero
+     count), pre-trained and continued exactly like the control (capacity).
+   `--dataset digits` runs LeNet-300-100 (64-300-100-10) on scikit-learn's
+   bundled 8x8 digits instead (1,797 samples, 80/20 split), the
+   over-parameterized regime of the paper's MNIST result.
    Compressions `--compressions` 10 30 60; mean (min-max) over seeds.
    `--gsm-batch-size` (128) sets the batch of the GSM phase, its control and
    the baselines: GSM's decay budget `eta * sum(lr) / (1 - beta)` counts
@@ -33,6 +38,7 @@
    of MNIST at the official batch 256 (the budget is printed and saved).
 """
 
+import argparse
 import os
 import pathlib
 import platform
@@ -124,16 +130,41 @@ def step_time(x, y, reps, block, batch_size=128, model_name="mlp"):
 
 # -------------------------------------------------------------- accuracy
 MODELS = {
-    # The 1-D CNN and LeNet-300-100's shape (40-300-100-10) on MNIST-1D.
-    "cnn": lambda weight_decay=0.0: tfs.zoo.mnist1d_cnn(weight_decay=weight_decay),
-    "lenet": lambda weight_decay=0.0: tfs.zoo.mnist1d_mlp(hidden=(300, 100), weight_decay=weight_decay,
-                                                          name="lenet_300_100"),
+    # The 1-D CNN and LeNet-300-100's shape (40-300-100-10 on MNIST-1D, 64-300-100-10 on digits);
+    # `hidden` gives the dense-small baselines their own widths.
+    "cnn": lambda weight_decay=0.0, seq_len=40, hidden=None: tfs.zoo.mnist1d_cnn(weight_decay=weight_decay),
+    "lenet": lambda weight_decay=0.0, seq_len=40, hidden=None: tfs.zoo.mnist1d_mlp(
+        hidden=hidden or (300, 100), weight_decay=weight_decay, seq_len=seq_len,
+        name="lenet_300_100" if hidden is None else "dense_small"),
 }
 
 
-def run_dense(seed, data, a, epochs, weights=None):
+def load_data(a):
+    """`(train, test)` of `--dataset`, `x` of shape `(n, length, 1)`; with `--validation`
+    the test split is replaced by the last 1/8 of the training split (tuning never sees test)."""
+    if a.dataset == "digits":
+        if a.samples is not None:
+            raise ValueError("`--samples`: scikit-learn's digits has a fixed 1,797 samples; "
+                             "use --samples only with --dataset mnist1d.")
+        if a.model != "lenet":
+            raise ValueError(f"`--model`: --dataset digits takes --model lenet; received {a.model!r}.")
+        (x, y), (xt, yt) = tfs.datasets.digits(test_fraction=0.2, seed=0)
+        train, test = (x.reshape(len(x), 64, 1), y), (xt.reshape(len(xt), 64, 1), yt)
+    else:
+        train, test = tfs.datasets.mnist1d(num_samples=a.samples or 10000)
+    if a.validation:
+        cut = len(train[0]) * 7 // 8
+        train, test = (train[0][:cut], train[1][:cut]), (train[0][cut:], train[1][cut:])
+    return train, test
+
+
+def _model(a, data, weight_decay=0.0, hidden=None):
+    return MODELS[a.model](weight_decay=weight_decay, seq_len=data[0][0].shape[1], hidden=hidden)
+
+
+def run_dense(seed, data, a, epochs, weights=None, hidden=None):
     keras.utils.set_random_seed(seed)
-    model = MODELS[a.model](weight_decay=a.weight_decay)
+    model = _model(a, data, a.weight_decay, hidden)
     if weights is not None:
         model.set_weights(weights)
     result = train_classifier(model, *data, epochs=epochs, learning_rate=a.lr)
@@ -142,10 +173,11 @@ def run_dense(seed, data, a, epochs, weights=None):
     return row, model.get_weights()
 
 
-def run_dense_continued(seed, data, a, weights):
-    """Control: GSM's optimizer and epochs without the mask (momentum SGD + coupled L2)."""
+def run_dense_continued(seed, data, a, weights, hidden=None):
+    """Control: GSM's optimizer and epochs without the mask (momentum SGD + coupled L2).
+    With `hidden`, a dense net of those widths (`weights` its own pre-training)."""
     keras.utils.set_random_seed(seed)
-    model = MODELS[a.model](weight_decay=a.gsm_weight_decay)  # coupled L2 on the kernels
+    model = _model(a, data, a.gsm_weight_decay, hidden)  # coupled L2 on the kernels
     model.set_weights(weights)
     result = train_classifier(model, *data, epochs=a.gsm_epochs, optimizer=_continued_sgd(data, a),
                               batch_size=a.gsm_batch_size)
@@ -207,7 +239,7 @@ def run_magnitude_finetune(compression, seed, data, a, weights):
     """Baseline: one-shot global magnitude pruning of the dense model, then the
     control's `--gsm-epochs` of training with the masks fixed."""
     keras.utils.set_random_seed(seed)
-    dense = MODELS[a.model](weight_decay=a.gsm_weight_decay)
+    dense = _model(a, data, a.gsm_weight_decay)
     dense.set_weights(weights)
     model = tfs.prune_at_init(dense, "magnitude", compression=compression, verbose=0, on_collapse="ignore")
     _, acc0 = _evaluate(model, data)
@@ -217,6 +249,29 @@ def run_magnitude_finetune(compression, seed, data, a, weights):
     return {"accuracy": None, "accuracy_no_finetune": acc0, "accuracy_pruned": result["accuracy"],
             "sparsity": report.sparsity,
             "collapsed_layers": report.collapsed, "seconds_per_step": result["seconds_per_step"]}
+
+
+def run_dense_small(seed, data, a, hidden, lenet_weights, epochs):
+    """Capacity baseline: a dense net of widths `hidden` (about GSM's nonzero count), pre-trained
+    and continued exactly like the dense control (same optimizers, batches, steps, kernel L2)."""
+    _, weights = run_dense(seed, data, a, a.epochs, hidden=hidden)
+    r = run_dense_continued(seed, data, a, weights, hidden=hidden)
+    model = _model(a, data, hidden=hidden)
+    n = sum(int(np.prod(w.shape)) for w in model.trainable_weights if len(w.shape) >= 2)
+    pool = sum(int(np.prod(w.shape)) for w in lenet_weights if w.ndim >= 2)
+    widths = "-".join(str(v) for v in (data[0][0].shape[1], *hidden, 10))
+    return dict(method=f"dense {widths} ({n:,} kernel weights)", compression=round(pool / n, 1), epochs=epochs,
+                seed=seed, nonzeros=n, **r)
+
+
+def _widths(text):
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"`--small-hidden`: expected comma-separated positive widths like 57,30; received {text!r}.")
+    return widths
 
 
 def _evaluate(model, data):
@@ -241,7 +296,7 @@ def run_tfmot(compression, seed, data, a, weights, workdir):
 
 def run_gsm(compression, seed, data, a, weights=None, threshold_method="histogram"):
     keras.utils.set_random_seed(seed)
-    model = MODELS[a.model]()  # no kernel_regularizer: GSM applies the L2
+    model = _model(a, data)  # no kernel_regularizer: GSM applies the L2
     if weights is not None:
         model.set_weights(weights)
     opt = GlobalSparseMomentum(_gsm_schedule(data, a), momentum=a.gsm_momentum, nesterov=True,
@@ -340,11 +395,21 @@ def main():
     p.add_argument("--gsm-epochs", type=int, default=40, help="GSM training epochs")
     p.add_argument("--gsm-init", choices=["pretrained", "scratch"], default="pretrained",
                    help="start GSM from the trained dense model (the official pipeline) or from init")
-    p.add_argument("--samples", type=int, default=10000)
+    p.add_argument("--dataset", choices=["mnist1d", "digits"], default="mnist1d",
+                   help="MNIST-1D (generated, --samples) or scikit-learn's bundled 8x8 digits (1,797 "
+                        "samples, 80/20 split, seed 0; flattened to 64 inputs, --model lenet only)")
+    p.add_argument("--samples", type=int, default=None, help="MNIST-1D samples (default 10000), 80/20 split")
     p.add_argument("--compressions", type=float, nargs="+", default=[10, 30, 60])
     p.add_argument("--model", choices=sorted(MODELS), default="cnn")
     p.add_argument("--methods", nargs="+", default=["gsm", "gsm-sample", "magnitude-ft", "tfmot"],
-                   choices=["gsm", "gsm-sample", "magnitude-ft", "tfmot"])
+                   choices=["gsm", "gsm-sample", "magnitude-ft", "tfmot", "dense-small"],
+                   help="dense-small: dense nets of the --small-hidden widths, pre-trained and continued "
+                        "exactly like the dense control (the capacity baseline)")
+    p.add_argument("--small-hidden", type=_widths, nargs="+", default=[(86,), (57, 30)],
+                   help="hidden widths of the dense-small baselines, comma-separated per net (86 57,30: "
+                        "4,300 and 4,290 kernel weights on MNIST-1D, LeNet-300-100's 43,000 / 10)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the dense control (rows run elsewhere, e.g. baselines added to a run)")
     p.add_argument("--lr", type=float, default=0.1, help="dense SGD-Nesterov(0.9) learning rate")
     p.add_argument("--gsm-lr", type=float, default=0.02, help="GSM learning rate (momentum 0.99)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="dense L2")
@@ -381,10 +446,7 @@ def main():
         print(layer_table(rows))
         return
     started = time.time()
-    train, test = tfs.datasets.mnist1d(num_samples=a.samples)
-    if a.validation:  # tuning: never look at the test split
-        cut = len(train[0]) * 7 // 8
-        train, test = (train[0][:cut], train[1][:cut]), (train[0][cut:], train[1][cut:])
+    train, test = load_data(a)  # --validation: tuning never looks at the test split
     results = {"command": "python " + " ".join(sys.argv), "args": vars(a),
                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                            "tensorflow": tf.__version__, "keras": keras.__version__,
@@ -408,15 +470,22 @@ def main():
             rows.append(dict(method="dense", compression=0, epochs=a.epochs, seed=seed, **r))
             print(f"seed {seed} dense acc {r['accuracy']:.4f}", flush=True)
             start_from = weights if a.gsm_init == "pretrained" else None
-            if a.gsm_init == "pretrained":
+            if a.gsm_init == "pretrained" and not a.no_control:
                 # Control: the same extra epochs with GSM's optimizer, no mask.
                 r = run_dense_continued(seed, data, a, weights)
                 rows.append(dict(method="dense, continued", compression=0, epochs=a.epochs + a.gsm_epochs,
                                  seed=seed, **r))
                 print(f"seed {seed} dense continued acc {r['accuracy']:.4f}", flush=True)
             total = a.gsm_epochs + (a.epochs if a.gsm_init == "pretrained" else 0)
+            if "dense-small" in a.methods:
+                for hidden in a.small_hidden:
+                    rows.append(run_dense_small(seed, data, a, hidden, weights, total))
+                    r = rows[-1]
+                    print(f"seed {seed} {r['method']} acc {r['accuracy']:.4f}", flush=True)
             for c in a.compressions:
                 for method in a.methods:
+                    if method == "dense-small":
+                        continue
                     if method.startswith("gsm"):
                         how = "sample" if method == "gsm-sample" else "histogram"
                         r = run_gsm(c, seed, data, a, weights=start_from, threshold_method=how)
