@@ -223,32 +223,82 @@ def test_greedy_loss_on_keras_applications_mobilenet_v2():
                                np.asarray(masked(x[:8], training=False)), atol=1e-5, rtol=1e-4)
 
 
+def _sequential_split(model, mask, memory=None):
+    """The reference for `greedy_loss._split`: each candidate's multipliers
+    assigned to the consumers' kernels, then the whole network (no head, no batching)."""
+    from tf_sparsity.pruning.greedy_loss import _forward
+
+    forward = _forward(model)
+
+    def evaluate(below, multipliers, chunk=None):
+        outs = []
+        try:
+            for row in multipliers:
+                mask.set(row)
+                outs.append(forward(below[0]))
+        finally:
+            mask.set(np.ones(len(mask.group.units)))  # the kernels as they were (times 1.0 exactly)
+        return np.stack(outs)
+
+    return (lambda inputs: [inputs]), evaluate
+
+
+def _small_zoo(net):
+    keras.utils.set_random_seed(0)
+    return getattr(tfs.zoo, net)(**({"filters": (8, 16), "blocks": 1} if net == "mnist1d_resnet" else
+                                     {"widths": (8, 12), "expansion": 2}))
+
+
+@pytest.mark.parametrize("net", ["mnist1d_resnet", "mnist1d_mobilenet"])
+def test_greedy_loss_batched_candidates_equal_kernel_masks(net):
+    # Scaling each consumer's input per candidate (many candidates per call, in
+    # chunks) gives the outputs of assigning the multipliers to the kernels.
+    import importlib
+
+    module = importlib.import_module("tf_sparsity.pruning.greedy_loss")
+    model = surgery.prune_groups(_small_zoo(net), {})
+    groups = surgery.channel_groups(model)
+    masks = {name: module._GroupMask(groups, g) for name, g in groups.prunable().items()}
+    stream = max(masks, key=lambda name: len(masks[name].consumers))  # the residual stream
+    picked = [stream] + [name for name in masks if "se_reduce" in name][:1]
+    assert len(masks[stream].consumers) >= 3 and len(picked) == (2 if net == "mnist1d_mobilenet" else 1)
+    x = random_like((16, 40, 1), seed=2)
+    rng = np.random.default_rng(0)
+    for name in picked:
+        n = groups.groups[name].size
+        multipliers = rng.uniform(0, 2, size=(5, n)) * (rng.random((5, n)) < 0.6)
+        head, evaluate = module._split(model, masks[name])
+        below = head(x)
+        reference = _sequential_split(model, masks[name])[1]([x], multipliers)
+        for chunk in (None, 1, 2):  # one call; one per candidate; 2 + 2 + 1
+            np.testing.assert_allclose(evaluate(below, multipliers, chunk=chunk), reference, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(masks[name].consumers[0][0].kernel), masks[name].consumers[0][2])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("net,options", [
     ("mnist1d_resnet", {"flops": 0.5, "accuracy_fraction": None}),
     ("mnist1d_mobilenet", {"accuracy_fraction": 0.5, "finetune_steps": 2}),
 ])
-def test_greedy_loss_reusing_the_activations_below_selects_the_same_units(net, options, monkeypatch):
-    # Each candidate runs only the layers from the group's earliest consumer on; the
-    # selection must be the one of a full forward pass per candidate.
+def test_greedy_loss_batched_selects_the_units_of_the_sequential_reference(net, options, monkeypatch):
+    # The layers below the group once per minibatch and the candidates batched
+    # (chunks of 2 for 3 candidates) must select what one candidate at a time,
+    # multipliers on the kernels, whole network, selects.
     import importlib
 
     module = importlib.import_module("tf_sparsity.pruning.greedy_loss")
-
-    keras.utils.set_random_seed(0)
-    model = getattr(tfs.zoo, net)(**({"filters": (8, 16), "blocks": 1} if net == "mnist1d_resnet" else
-                                     {"widths": (8, 12), "expansion": 2}))
+    model = _small_zoo(net)
     x, y = random_like((128, 40, 1), seed=4), np.arange(128) % 10
     kwargs = dict(candidates=3, batch_size=32, eval_samples=32, seed=1, **options)
+    split = module._split
+    monkeypatch.setattr(module, "_split", lambda m, mask: split(m, mask, memory=1))
+    _, chunked = module.greedy_loss(model, x, y, **kwargs)  # memory=1: one candidate per call
+    monkeypatch.setattr(module, "_split", split)
     _, fast = module.greedy_loss(model, x, y, **kwargs)
-
-    def whole(m, consumers):  # the old path: the whole network per candidate
-        forward = module._forward(m)
-        return (lambda inputs: inputs), forward
-
-    monkeypatch.setattr(module, "_split", whole)
+    monkeypatch.setattr(module, "_split", _sequential_split)
     _, slow = module.greedy_loss(model, x, y, **kwargs)
-    assert list(fast) == list(slow)
+    assert list(fast) == list(slow) == list(chunked)
     for name in fast:
         np.testing.assert_array_equal(fast[name]["units"], slow[name]["units"])
+        np.testing.assert_array_equal(chunked[name]["units"], slow[name]["units"])
         assert fast[name]["stopped"] == slow[name]["stopped"]

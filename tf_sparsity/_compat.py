@@ -18,7 +18,7 @@ __all__ = [
     "Functional", "graph_nodes", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
     "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_calls", "graph_nodes",
-    "is_graph_model",
+    "is_graph_model", "run_graph",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -135,6 +135,32 @@ def graph_nodes(model):
     nodes = [n for n in _nodes_in_order(model) if n.operation is not None and not n.is_input]
     graph = model._functional if isinstance(model, keras.Sequential) else model
     return list(graph.inputs), list(graph.outputs), nodes
+
+
+def run_graph(graph, inputs, wrap):
+    """Run `graph` (a `graph_slice`, or a functional / Sequential model) on
+    `inputs`, calling `wrap(operation)(*args, **kwargs)` in place of each
+    operation (`Function._run_through_graph`; Keras 3.15). `wrap` returns
+    the operation itself to run it unchanged. Used by greedy's batched
+    candidates to scale a layer's input.
+
+    Args:
+        graph: what `graph_slice` returns, or a built functional / Sequential model.
+        inputs: one tensor per graph input, in order.
+        wrap: `operation -> callable`.
+
+    >>> import keras
+    >>> m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+    >>> double = lambda op: (lambda x: op(2 * x))
+    >>> float(run_graph(m, [keras.ops.ones((1, 2))], double)[0][0, 0])
+    4.0
+    """
+    if isinstance(graph, keras.Sequential):
+        if getattr(graph, "_functional", None) is None:
+            raise ValueError(f"Sequential model '{graph.name}' must be built with an Input.")
+        graph = graph._functional
+    out = graph._run_through_graph(list(inputs), operation_fn=wrap)
+    return out if isinstance(out, (list, tuple)) else [out]
 
 
 def is_graph_model(layer):

@@ -28,7 +28,11 @@ compares with the unpruned model instead).
 
 Speed: a candidate only changes the group's consumers, so each minibatch
 runs the network below them once (`_split`: the tensors every layer from
-the earliest consumer on reads) and each candidate runs only the rest.
+the earliest consumer on reads) and the candidates run only the rest, many
+in one compiled call: the cut tensors are repeated once per candidate along
+the batch axis and each consumer's input is multiplied by the candidate's
+multipliers (the same as multiplying the kernel's input rows), so no kernel
+is edited per candidate.
 """
 
 import keras
@@ -73,7 +77,7 @@ class _GroupMask:
     """Multiplies each unit's input rows in every consumer of one group (kernels edited in place)."""
 
     def __init__(self, groups, group):
-        self.consumers = []
+        self.group, self.consumers = group, []
         for layer, kind, inp, _ in groups.layers.values():
             if kind != "producer":
                 continue
@@ -88,10 +92,6 @@ class _GroupMask:
         for layer, unit_of_row, kernel in self.consumers:
             scale = np.where(unit_of_row >= 0, multipliers[np.maximum(unit_of_row, 0)], 1.0)
             layer.kernel.assign((kernel * scale.reshape(-1, 1)).astype(kernel.dtype))
-
-    def restore(self):
-        for layer, _, kernel in self.consumers:
-            layer.kernel.assign(kernel)
 
     def input_scale(self, masks, multipliers):
         """`{consumer name: factor per kept input row}` for `prune_groups`."""
@@ -199,41 +199,37 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
         goal = None if accuracy_fraction is None else accuracy_fraction * reference
         mask = _GroupMask(groups, group)
         # Below the group's consumers nothing changes while it is selected: run it once per batch.
-        head, tail = _split(current, [layer for layer, _, _ in mask.consumers])
+        head, evaluate = _split(current, mask)
         below_subset = None
         n_units, selected, stopped, reached = group.size, [], "budget", None
         multipliers = np.zeros(n_units)
-        try:
-            while len(selected) < caps[name]:
-                rows = rng.choice(len(x), batch_size, replace=False)
-                below, tb = head(x[rows]), targets[rows]
-                pool = np.setdiff1d(np.arange(n_units), selected)
-                if len(pool) > candidates:
-                    pool = rng.choice(pool, candidates, replace=False)
-                best = (np.inf, None, None)
-                for j in pool:
-                    multipliers[:] = 0.0
-                    multipliers[selected + [int(j)]] = n_units / (len(selected) + 1)
-                    mask.set(multipliers)
-                    loss, hits = _loss_and_hits(tail(below), tb, logits)
-                    if loss < best[0]:
-                        best = (loss, int(j), hits)
-                selected.append(best[1])
-                if goal is not None and best[2].mean() >= goal - skip * reference:
-                    multipliers[:] = 0.0
-                    multipliers[selected] = n_units / len(selected)
-                    mask.set(multipliers)
-                    if below_subset is None:
-                        below_subset = [head(x[subset[i:i + 512]]) for i in range(0, len(subset), 512)]
-                    out = np.concatenate([tail(part) for part in below_subset])
-                    reached = float(_loss_and_hits(out, targets[subset], logits)[1].mean())
-                    if reached >= goal:
-                        stopped = "accuracy"
-                        break
-            else:
-                stopped = "all units" if len(selected) == n_units else "budget"
-        finally:
-            mask.restore()
+        while len(selected) < caps[name]:
+            rows = rng.choice(len(x), batch_size, replace=False)
+            below, tb = head(x[rows]), targets[rows]
+            pool = np.setdiff1d(np.arange(n_units), selected)
+            if len(pool) > candidates:
+                pool = rng.choice(pool, candidates, replace=False)
+            tried = np.zeros((len(pool), n_units))  # one row of multipliers per candidate
+            tried[:, selected] = n_units / (len(selected) + 1)
+            tried[np.arange(len(pool)), pool] = n_units / (len(selected) + 1)
+            best = (np.inf, None, None)
+            for j, out in zip(pool, evaluate(below, tried)):
+                loss, hits = _loss_and_hits(out, tb, logits)
+                if loss < best[0]:
+                    best = (loss, int(j), hits)
+            selected.append(best[1])
+            if goal is not None and best[2].mean() >= goal - skip * reference:
+                multipliers[:] = 0.0
+                multipliers[selected] = n_units / len(selected)
+                if below_subset is None:
+                    below_subset = [head(x[subset[i:i + 512]]) for i in range(0, len(subset), 512)]
+                out = np.concatenate([evaluate(part, multipliers[None])[0] for part in below_subset])
+                reached = float(_loss_and_hits(out, targets[subset], logits)[1].mean())
+                if reached >= goal:
+                    stopped = "accuracy"
+                    break
+        else:
+            stopped = "all units" if len(selected) == n_units else "budget"
         multipliers[:] = 0.0
         multipliers[selected] = n_units / len(selected)
         kept = np.sort(np.asarray(selected))
@@ -258,10 +254,22 @@ def greedy_loss(model, x, y=None, width=None, flops=None, accuracy_fraction=0.98
     return current, report
 
 
-def _split(model, consumers):
-    """`(head, tail)`: `head(x)` runs `model` up to the tensors that the
-    `consumers` and every layer after them read (the cut), `tail(cut)` the
-    rest, so `tail(head(x)) == model(x)`; both compiled, NumPy in and out.
+# The candidates of one call are bounded so that the largest activation of the
+# tail (candidates x batch x its size, float32) stays under this many bytes.
+_MEMORY = 64 * 2 ** 20
+
+
+def _split(model, mask, memory=None):
+    """`(head, evaluate)` for one group's `_GroupMask`.
+
+    `head(x)` runs `model` up to the tensors that the group's consumers and
+    every layer after them read (the cut); `evaluate(cut, multipliers)`
+    runs the rest once per row of `multipliers` (`(K, units)`: the factor of
+    each unit's input rows in every consumer) and returns the `(K, batch,
+    classes)` outputs, so with unit multipliers `evaluate(head(x), ones)[0]
+    == model(x)`. Both compiled, NumPy in and out. The K rows go through in
+    chunks of `chunk` rows, by default as many as keep the largest
+    activation under `memory` bytes.
 
     A layer is after the consumers when it is one of them (or a nested
     model holding one) or reads a tensor computed after them; the cut is
@@ -269,31 +277,73 @@ def _split(model, consumers):
     (a residual stream's earlier tensors included), plus any output that is
     not.
     """
-    import tensorflow as tf  # tf.function: one trace per slice, not per candidate
+    import tensorflow as tf  # tf.function: one trace per group, not per candidate
 
+    from tf_sparsity.layers import KernelWrapper
+
+    memory = _MEMORY if memory is None else memory
     inputs, outputs, nodes = _compat.graph_nodes(model)
-    ids = {id(layer) for layer in consumers}
+    n_units = len(mask.group.units)
+    # Row r of a consumer's input takes column rows[r] of [multipliers | 1].
+    rows = {id(layer): np.where(unit_of_row >= 0, unit_of_row, n_units).astype("int32")
+            for layer, unit_of_row, _ in mask.consumers}
+
+    def leaf(op):
+        return op.layer if isinstance(op, KernelWrapper) else op
 
     def holds_consumer(op):
-        return id(op) in ids or (_compat.is_graph_model(op) and any(id(l) in ids for l in prunable.iter_layers(op)))
+        return id(leaf(op)) in rows or (_compat.is_graph_model(op) and any(
+            id(leaf(l)) in rows for l in prunable.iter_layers(op)))
 
-    after, cut = set(), {}
+    after, cut, largest = set(), {}, 1
     for node in nodes:
         if holds_consumer(node.operation) or any(id(t) in after for t in node.input_tensors):
             cut.update((id(t), t) for t in node.input_tensors if id(t) not in after)
             after.update(id(t) for t in node.outputs)
+            largest = max([largest] + [int(np.prod(t.shape[1:])) for t in node.outputs])
     cut.update((id(t), t) for t in outputs if id(t) not in after)
     cut = list(cut.values())
+    largest = max([largest] + [int(np.prod(t.shape[1:])) for t in cut])
     head_fn = tf.function(_compat.graph_slice(inputs, cut), reduce_retracing=True)
-    tail_fn = tf.function(_compat.graph_slice(cut, outputs), reduce_retracing=True)
+    body = _compat.graph_slice(cut, outputs)
+
+    def masked(below, multipliers):
+        k = tf.shape(multipliers)[0]
+        table = tf.concat([multipliers, tf.ones([k, 1], multipliers.dtype)], axis=1)
+
+        def scaled(op, index):
+            def call(x, *args, **kwargs):
+                factor = tf.cast(tf.gather(table, index, axis=1), x.dtype)[:, None, :]
+                y = tf.reshape(tf.reshape(x, [k, -1, len(index)]) * factor, tf.shape(x))
+                return op(y, *args, **kwargs)
+            return call
+
+        def wrap(op):
+            if id(leaf(op)) in rows:
+                return scaled(op, rows[id(leaf(op))])
+            if _compat.is_graph_model(op) and holds_consumer(op):
+                return lambda inner, *args, **kwargs: _compat.run_graph(op, tf.nest.flatten(inner), wrap)[0]
+            return op
+
+        repeated = [tf.tile(t, tf.concat([[k], tf.ones([tf.rank(t) - 1], tf.int32)], 0)) for t in below]
+        return _compat.run_graph(body, repeated, wrap)[0]
+
+    signature = [[tf.TensorSpec((None,) + tuple(t.shape[1:]), t.dtype) for t in cut],
+                 tf.TensorSpec((None, n_units), "float32")]
+    masked_fn = tf.function(masked, input_signature=signature, autograph=False)
 
     def head(x):
         return [t.numpy() for t in head_fn([x])]
 
-    def tail(below):
-        return tail_fn(below)[0].numpy()
+    def evaluate(below, multipliers, chunk=None):
+        batch = len(below[0])
+        chunk = max(1, memory // (4 * batch * largest)) if chunk is None else chunk
+        multipliers = np.asarray(multipliers, "float32")
+        outs = [masked_fn(below, multipliers[i:i + chunk]).numpy() for i in range(0, len(multipliers), chunk)]
+        out = np.concatenate(outs)
+        return out.reshape((len(multipliers), batch) + out.shape[1:])
 
-    return head, tail
+    return head, evaluate
 
 
 def _forward(model):
