@@ -251,3 +251,67 @@ def test_steering_over_channel_groups_counts_the_zeros_exactly(net):
             w.threshold_offset.assign(offset)
         assert abs(tfs.sparsity(sparse) - fraction) < 0.01
         assert abs(steering.current_sparsity(found) - tfs.sparsity(sparse)) < 1e-3
+
+
+def _weak_middle_mlp():
+    # Three hidden groups; the middle one's kernels are 100x smaller, so one common
+    # threshold reaches all its units before any other group's.
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((12,)), L.Dense(16, name="a"), L.Dense(16, name="b"),
+                              L.Dense(16, name="c"), L.Dense(4, name="out")])
+    for name in ("b", "c"):  # c's input rows are part of b's group
+        kernel = model.get_layer(name).kernel
+        kernel.assign(kernel.numpy() * 0.01)
+    return model
+
+
+@pytest.mark.parametrize("min_channels", [1, 3])
+def test_channel_floor_keeps_every_group_alive(min_channels):
+    from tf_sparsity import steering
+
+    model = _weak_middle_mlp()
+    sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False, shrink=False,
+                                min_channels=min_channels)
+    coupling = sparse.channel_coupling
+    assert coupling.min_channels == min_channels
+    # A cut deep enough to empty group b without the floor: the solver keeps b's strongest units.
+    offset, reached, emptied = steering.solve_flops_offset(coupling, 0.2)
+    assert emptied == []
+    for w in tfs.surgery.wrappers(sparse):
+        w.threshold_offset.assign(offset)
+    effective = {w.layer.name: np.asarray(w.effective_kernels()[0]) for w in tfs.surgery.wrappers(sparse)}
+    alive_b = np.any(effective["b"] != 0, axis=0)
+    assert alive_b.sum() == min_channels
+    rms = np.sqrt((model.get_layer("b").kernel.numpy() ** 2).sum(0) + (model.get_layer("c").kernel.numpy() ** 2).sum(1))
+    np.testing.assert_array_equal(np.flatnonzero(alive_b), np.sort(np.argsort(rms)[-min_channels:]))
+    # The forward pass, the solver's count and strip agree.
+    x = random_like((8, 12))
+    plain = _check_stripped(sparse, x, tfs.summary(model, print_fn=None).flops)
+    assert plain.get_layer("b").units == min_channels
+    macs = tfs.summary(plain, print_fn=None).flops / tfs.summary(model, print_fn=None).flops
+    assert abs(macs - reached) < 1e-6
+
+
+def test_channel_floor_zero_lets_a_group_empty_and_says_so():
+    from tf_sparsity import steering
+
+    sparse = tfs.soft_threshold(_weak_middle_mlp(), granularity="channel", learn_threshold=False,
+                                shrink=False, min_channels=0)
+    _, _, emptied = steering.solve_flops_offset(sparse.channel_coupling, 0.2)
+    assert emptied == ["b"]
+    with pytest.raises(ValueError, match="`min_channels` must be an integer >= 0; received -1"):
+        tfs.soft_threshold(_weak_middle_mlp(), granularity="channel", min_channels=-1)
+
+
+def test_channel_floor_round_trips_and_bounds_the_budget(tmp_path):
+    sparse = tfs.soft_threshold(_weak_middle_mlp(), granularity="channel", learn_threshold=False,
+                                shrink=False, min_channels=4)
+    path = tmp_path / "floor.keras"
+    sparse.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.channel_coupling.min_channels == 4
+    sparse.compile("sgd", keras.losses.MeanSquaredError())
+    x, y = random_like((16, 12)), random_like((16, 4), seed=1)
+    with pytest.raises(ValueError, match=r"`flops=0.05` cannot be reached: with every thresholdable channel "
+                                         r"group at 4 unit\(s\) \(`min_channels`\)"):
+        sparse.fit(x, y, epochs=1, verbose=0, callbacks=[tfs.callbacks.TargetFlops(0.05, end_step=1)])

@@ -337,11 +337,12 @@ class TargetFlops(TargetSparsity):
 
     def on_train_begin(self, logs=None):
         coupling = self._coupling()
-        smallest = coupling.stripped_macs(np.zeros(coupling.num_units, bool)) / coupling.dense_macs()
+        smallest = coupling.stripped_macs(coupling.floor_alive()) / coupling.dense_macs()
         if smallest > self.flops + 0.02:
             raise ValueError(
-                f"`flops={self.flops:g}` cannot be reached: with every thresholdable channel group at one "
-                f"unit the model keeps {smallest:.3f} of its MACs; channels frozen by the group analysis "
+                f"`flops={self.flops:g}` cannot be reached: with every thresholdable channel group at "
+                f"{max(1, coupling.min_channels)} unit(s) (`min_channels`) the model keeps {smallest:.3f} of "
+                "its MACs; channels frozen by the group analysis "
                 f"({sorted(coupling.groups.frozen.items())[:4]}) or read by layers left out of channel-STR "
                 "are never removed.")
         super().on_train_begin(logs)
@@ -363,7 +364,8 @@ class TargetFlops(TargetSparsity):
             report_collapse(
                 f"Channel groups emptied at step {step}: every channel of {new} is zero. In a residual "
                 "branch that removes the branch (strip keeps one channel); on the main path no signal "
-                "passes (accuracy falls to chance): lower the MACs cut or skip those layers.",
+                "passes (accuracy falls to chance): keep `min_channels` >= 1 (the default of "
+                "`tfs.soft_threshold`), lower the MACs cut or skip those layers.",
                 self.on_collapse, self.model, stacklevel=3)
         return offset
 

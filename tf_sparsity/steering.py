@@ -99,7 +99,8 @@ def solve_flops_offset(coupling, target_fraction, bounds=(-100.0, 100.0), iterat
     `ChannelGroupModel`'s `channel_coupling`): unit `u` dies when its joint
     RMS is at most its threshold `sum_l w_lu g(s_l + b)`, so the dead set
     grows with `b` and the stripped model's MACs
-    (`ChannelCoupling.stripped_macs`) fall: bisection finds the offset
+    (`ChannelCoupling.stripped_macs`) fall, down to the floor of
+    `min_channels` units per group: bisection finds the offset
     closest to the target, then steps inside its plateau. Returns
     `(b, MACs fraction at b, names of groups emptied at b)`.
     """
@@ -114,8 +115,11 @@ def solve_flops_offset(coupling, target_fraction, bounds=(-100.0, 100.0), iterat
     dense = coupling.dense_macs()
     memo = {}
 
+    caps = coupling.floor_caps(rms)  # the floor: each group's strongest units never die
+    caps = np.inf if caps is None else ops.convert_to_numpy(caps)
+
     def alive(offset):
-        return rms > np.array([fns[fn](s + offset) for fn, s in keys]) @ weights
+        return rms > np.minimum(np.array([fns[fn](s + offset) for fn, s in keys]) @ weights, caps)
 
     def fraction(offset):
         key = alive(offset)

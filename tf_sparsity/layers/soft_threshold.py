@@ -72,6 +72,11 @@ class SoftThreshold(KernelWrapper):
         block_shape: block size for "block" granularity.
         shrink: True (STR) shrinks surviving groups by the threshold; False
             keeps them whole (hard mask; needs `learn_threshold=False`).
+        min_channels: inside a `tfs.surgery.ChannelGroupModel`, the channels
+            of every channel dependency group that always survive (the
+            largest by RMS; default 1, so no group is ever emptied: an empty
+            main-path group cuts the network). 0 lets groups empty. Ignored
+            outside channel groups.
         learn_threshold: train `s` by the loss (the paper). False keeps `s`
             fixed, so thresholds move only with `offset`: with
             `TargetSparsity` all layers then share one threshold level and
@@ -93,7 +98,8 @@ class SoftThreshold(KernelWrapper):
 
     def __init__(self, layer, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
                  learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
-                 threshold_decay=None, threshold_lr_scale=1.0, threshold_gradient="sum", **kwargs):
+                 threshold_decay=None, threshold_lr_scale=1.0, threshold_gradient="sum", min_channels=1,
+                 **kwargs):
         if not isinstance(s_init, (int, float)) or not math.isfinite(s_init):
             raise ValueError(f"`s_init` must be a finite number; received {s_init!r}.")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -109,6 +115,8 @@ class SoftThreshold(KernelWrapper):
                              f"received {threshold_gradient!r}.")
         if granularity not in GRANULARITIES:
             raise ValueError(f"`granularity` must be one of {list(GRANULARITIES)}; received {granularity!r}.")
+        if isinstance(min_channels, bool) or not isinstance(min_channels, int) or min_channels < 0:
+            raise ValueError(f"`min_channels` must be an integer >= 0; received {min_channels!r}.")
         block_shape = tuple(block_shape)
         if len(block_shape) != 2 or not all(isinstance(b, int) and b >= 1 for b in block_shape):
             raise ValueError(f"`block_shape` must be two integers >= 1 (input, output); received {block_shape!r}.")
@@ -126,6 +134,7 @@ class SoftThreshold(KernelWrapper):
         self.threshold_decay = None if threshold_decay is None else float(threshold_decay)
         self.threshold_lr_scale = float(threshold_lr_scale)
         self.threshold_gradient = threshold_gradient
+        self.min_channels = min_channels
         # Set by `tfs.surgery.couple_channels` (model level, rebuilt on load):
         # "channel" granularity then thresholds channel dependency groups.
         self.coupling = None
@@ -237,5 +246,6 @@ class SoftThreshold(KernelWrapper):
             threshold_decay=self.threshold_decay,
             threshold_lr_scale=self.threshold_lr_scale,
             threshold_gradient=self.threshold_gradient,
+            min_channels=self.min_channels,
         )
         return config

@@ -78,15 +78,12 @@ class _GroupMask:
 
     def __init__(self, groups, group):
         self.group, self.consumers = group, []
-        for layer, kind, inp, _ in groups.layers.values():
-            if kind != "producer":
-                continue
-            roots = groups.root(inp)
-            unit_of_row = np.full(len(roots), -1)
-            for k, u in enumerate(group.units):
-                unit_of_row[roots == u] = k
-            if (unit_of_row >= 0).any():
-                self.consumers.append((layer, unit_of_row, keras.ops.convert_to_numpy(layer.kernel)))
+        for layer, rows in groups.consumers(group):
+            kernel = keras.ops.convert_to_numpy(layer.kernel)
+            unit_of_row = np.full(kernel.shape[-2], -1)  # input rows: channels (positions x channels after Flatten)
+            for k, r in enumerate(rows):
+                unit_of_row[r] = k
+            self.consumers.append((layer, unit_of_row, kernel))
 
     def set(self, multipliers):
         for layer, unit_of_row, kernel in self.consumers:

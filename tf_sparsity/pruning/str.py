@@ -9,7 +9,7 @@ from tf_sparsity.layers.soft_threshold import SoftThreshold
 def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid", skip=None,
                    learn_threshold=True, granularity="weight", block_shape=(4, 1), shrink=True,
                    threshold_decay=None, threshold_lr_scale=1.0, channel_groups=True,
-                   threshold_gradient="sum"):
+                   threshold_gradient="sum", min_channels=1):
     """Wrap every prunable layer of `model` with STR's learned threshold.
 
     Returns a new model (the input is untouched) whose Dense, EinsumDense,
@@ -51,6 +51,10 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             `tfs.surgery.ChannelGroupModel`; `tfs.strip` removes the dead
             groups exactly. False: each layer's output channels alone (the
             old behaviour; removed only along simple chains).
+        min_channels: with channel groups, the channels of each group that
+            always survive (its largest by RMS). The default 1 never empties
+            a group (on the main path that would cut the network); 0 allows
+            it, and the steering callbacks then report the collapse.
 
     Example:
 
@@ -69,7 +73,7 @@ def soft_threshold(model, s_init=-5.0, weight_decay=0.0, threshold_fn="sigmoid",
             layer, s_init=s_init, weight_decay=weight_decay, threshold_fn=threshold_fn,
             learn_threshold=learn_threshold, granularity=granularity, block_shape=block_shape,
             shrink=shrink, threshold_decay=threshold_decay, threshold_lr_scale=threshold_lr_scale,
-            threshold_gradient=threshold_gradient,
+            threshold_gradient=threshold_gradient, min_channels=min_channels,
         ),
         skip=skip,
     )

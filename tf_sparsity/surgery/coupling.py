@@ -27,6 +27,14 @@ Only units whose every slice sits in a channel-STR wrapper are thresholded:
 a unit also read by a dense layer (`skip=`) or frozen by the analysis
 (model input / output, unknown operations) is left alone, since it could not
 be removed anyway.
+
+A floor keeps every group alive: with `min_channels=k` on the wrappers (the
+default 1), each unit's threshold is capped just below the k-th largest RMS
+of its group (`_FLOOR_MARGIN` below it), so the k strongest units of a group
+always survive -- the forward pass, the steering solver
+(`solve_flops_offset`) and `tfs.strip` see the same floor. An emptied group
+on the main path would cut the network (no signal reaches the classifier);
+`min_channels=0` allows it (the collapse is then reported).
 """
 
 import contextlib
@@ -48,8 +56,15 @@ class _Plan:
     """What one wrapper needs each step: the slices of its units in every member
     kernel (`parts`), entries per unit, threshold weights, and its own ids."""
 
-    def __init__(self, units, parts, counts, weights, own):
+    def __init__(self, units, parts, counts, weights, own, floor=None):
         self.units, self.parts, self.counts, self.weights, self.own = units, parts, counts, weights, own
+        self.floor = floor  # (members, group_of, k_per_group) of the floor, local ids; None: no floor
+
+
+# How far below a group's k-th largest RMS the floor caps its thresholds: far
+# above float32 rounding of an RMS, so the forward pass (float32) and the
+# solver (float64) agree on which units the floor keeps.
+_FLOOR_MARGIN = 1e-3
 
 
 class ChannelCoupling:
@@ -72,6 +87,51 @@ class ChannelCoupling:
         self._strip_plan = self._dense = None
         self._all = None  # the plan over every unit at once (`unit_factors`)
         self._current = None  # {shrink: factors} of the forward pass under way (`one_pass`)
+        floors = [w.min_channels for w in ids]
+        self.min_channels = max(floors) if floors else 0
+        # Group index (in `groups.prunable()` order) of every thresholded unit.
+        number = {int(r): i for i, r in enumerate(self.roots)}
+        self.unit_group = np.full(num_units, -1, np.int64)
+        for g, group in enumerate(groups.prunable().values() if num_units else ()):
+            for r in group.units:
+                if int(r) in number:
+                    self.unit_group[number[int(r)]] = g
+
+    def _floor_layout(self, units):
+        # `_Plan.floor` for the local units `units` (sorted global ids, whole groups).
+        if not self.min_channels or not len(units):
+            return None
+        groups, group_of = np.unique(self.unit_group[units], return_inverse=True)
+        sizes = np.bincount(group_of, minlength=len(groups))
+        members = np.full((len(groups), sizes.max()), len(units), np.int32)  # padded with "no unit"
+        fill = np.zeros(len(groups), np.int64)
+        for local, g in enumerate(group_of):
+            members[g, fill[g]] = local
+            fill[g] += 1
+        return members, group_of.astype("int32"), np.minimum(sizes, self.min_channels).astype("int32")
+
+    def floor_caps(self, rms, plan=None):
+        """Per unit, the largest threshold under which its group keeps `min_channels` units.
+
+        `rms`: the units' joint RMS (in `plan`'s local order; default: every
+        unit); a tensor of the same length, or None without a floor.
+        """
+        plan = self._plan_all() if plan is None else plan
+        if plan.floor is None:
+            return None
+        members, group_of, k = plan.floor
+        padded = ops.concatenate([rms, ops.full((1,), -np.inf, rms.dtype)])
+        top = ops.top_k(ops.take(padded, members, axis=0), int(k.max()))[0]
+        kth = ops.take_along_axis(top, ops.convert_to_tensor(k[:, None] - 1), axis=1)[:, 0]
+        return ops.take(kth * (1.0 - _FLOOR_MARGIN), group_of, axis=0)
+
+    def floor_alive(self):
+        """The units the floor alone keeps (each group's `min_channels` largest by RMS), NumPy."""
+        rms = self.unit_rms()
+        caps = self.floor_caps(rms)
+        if caps is None:
+            return np.zeros(self.num_units, bool)
+        return rms > ops.convert_to_numpy(caps)
 
     def _gather(self, local, n):
         # Every kernel slice of a unit numbered by `local` (n: "none"): parts, entries per unit,
@@ -101,7 +161,7 @@ class ChannelCoupling:
 
             parts, counts, weights = self._gather(local, n)
             own = {other: [(local(i), local(o)) for i, o in pairs] for other, pairs in self.ids.items()}
-            self._all = _Plan(np.arange(n), parts, counts, weights, own)
+            self._all = _Plan(np.arange(n), parts, counts, weights, own, self._floor_layout(np.arange(n)))
         return self._all
 
     def unit_factors(self, shrink=True):
@@ -206,6 +266,8 @@ class ChannelCoupling:
             return self._plans[id(wrapper)]
         mine = [a[a >= 0] for pair in self.ids[wrapper] for a in pair]
         units = np.unique(np.concatenate(mine)) if mine else np.zeros(0, np.int64)
+        if self.min_channels and len(units):  # the floor compares a unit with its whole group
+            units = np.flatnonzero(np.isin(self.unit_group, self.unit_group[units]))
         n = len(units)
         plan = None
         if n:
@@ -215,7 +277,7 @@ class ChannelCoupling:
 
             parts, counts, weights = self._gather(local, n)
             own = [(local(i), local(o)) for i, o in self.ids[wrapper]]
-            plan = _Plan(units, parts, counts, weights, own)
+            plan = _Plan(units, parts, counts, weights, own, self._floor_layout(units))
         self._plans[id(wrapper)] = plan
         return plan
 
@@ -225,6 +287,9 @@ class ChannelCoupling:
         threshold = 0.0
         for other, w in plan.weights:
             threshold = threshold + ops.convert_to_tensor(w.astype("float32")) * other.threshold()
+        caps = self.floor_caps(rms, plan)
+        if caps is not None:
+            threshold = ops.minimum(threshold, caps)
         factor = sparse_ops.shrink_factor(rms, threshold, shrink)
         return ops.concatenate([factor, ops.ones((1,), "float32")]), rms
 
@@ -247,6 +312,9 @@ class ChannelCoupling:
     def magnitudes(self, wrapper):
         """(RMS of each unit `wrapper` touches, its own entries zeroed with it), NumPy.
 
+        A unit the floor keeps (`min_channels`) has an infinite magnitude:
+        no threshold zeros it.
+
         An entry dies with the first of its row and column units to die;
         under one threshold that is the unit of smaller RMS, so each entry is
         counted under that unit and the counts are exact for a shared
@@ -256,10 +324,13 @@ class ChannelCoupling:
         if plan is None:
             return np.zeros(0, "float32"), np.zeros(0)
         _, rms = self._factors(plan, wrapper.shrink)
-        rms = ops.convert_to_numpy(rms)
+        caps = self.floor_caps(rms, plan)
+        rms = ops.convert_to_numpy(rms).astype("float64")
+        if caps is not None:  # units the floor keeps never die: infinitely large to the solver
+            rms = np.where(rms > ops.convert_to_numpy(caps), np.inf, rms)
         n = len(plan.units)
         # Index n is "no unit here": infinitely large, so the other axis's unit takes the entry.
-        padded = np.concatenate([rms.astype("float64"), [np.inf]])
+        padded = np.concatenate([rms, [np.inf]])
         sizes = np.zeros(n + 1)
         for kernel, (rows, cols) in zip(wrapper.kernels, plan.own):
             per_entry = int(np.prod(kernel.shape)) / (kernel.shape[-2] * kernel.shape[-1])
