@@ -144,11 +144,11 @@ def group_pruned(method, dense, budget, train, a, seed, val=None, net=None):
                                 batch_size=512, verbose=0, seed=seed)
     if method == "greedy (loss, budget stop)":  # the paper's selection, stopped by the MACs cap
         return tfs.greedy_prune(dense, (x, y), objective="loss", flops=budget, accuracy_fraction=None,
-                                candidates=a.candidates, batch_size=128, finetune_steps=a.between_steps,
+                                candidates=a.candidates, batch_size=a.loss_batch, finetune_steps=a.between_steps,
                                 verbose=0, seed=seed)
     if method == "greedy (loss, 98% stop)":  # the paper's selection and stop rule, no MACs budget
         return tfs.greedy_prune(dense, (x, y), objective="loss", accuracy_fraction=0.98,
-                                candidates=a.candidates, batch_size=128, finetune_steps=a.between_steps,
+                                candidates=a.candidates, batch_size=a.loss_batch, finetune_steps=a.between_steps,
                                 verbose=0, seed=seed)
     raise ValueError(method)
 
@@ -241,7 +241,8 @@ def group_nets(a):
     pruned model the same way (`--finetune-epochs` with the labels,
     SGD-Nesterov `--finetune-lr` cosine); test accuracy once at the end.
     "greedy (loss, ...)" is the paper's selection (`objective="loss"`,
-    `--candidates` per step, `--between-steps` SGD steps between groups);
+    `--candidates` per step on minibatches of `--loss-batch`, `--between-steps`
+    SGD steps between groups);
     "greedy (loss, 98% stop)" has no MACs budget (run once, budget "none");
     "greedy (reconstruction)" is our least-squares variant; "channel-STR
     (groups)" trains from scratch with the weight-sparsity target
@@ -392,6 +393,7 @@ def main():
     p.add_argument("--finetune-epochs", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=0.01)
     p.add_argument("--candidates", type=int, default=50, help="greedy loss: candidates per step (paper: 50)")
+    p.add_argument("--loss-batch", type=int, default=128, help="greedy loss: minibatch per step (paper: 128)")
     p.add_argument("--between-steps", type=int, default=10, help="greedy loss: SGD steps between groups")
     p.add_argument("--out", default="structured_groups.json")
     p.add_argument("--seed-start", type=int, default=0, help="first seed (run seeds in parallel processes)")

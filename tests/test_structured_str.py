@@ -315,3 +315,11 @@ def test_channel_floor_round_trips_and_bounds_the_budget(tmp_path):
     with pytest.raises(ValueError, match=r"`flops=0.05` cannot be reached: with every thresholdable channel "
                                          r"group at 4 unit\(s\) \(`min_channels`\)"):
         sparse.fit(x, y, epochs=1, verbose=0, callbacks=[tfs.callbacks.TargetFlops(0.05, end_step=1)])
+
+
+def test_files_without_a_floor_load_without_one():
+    sparse = tfs.soft_threshold(_weak_middle_mlp(), granularity="channel", learn_threshold=False, shrink=False)
+    config = sparse.get_layer("str_b").get_config()
+    del config["min_channels"]  # as written before the floor existed
+    assert tfs.layers.SoftThreshold.from_config(config).min_channels == 0
+    assert tfs.layers.SoftThreshold.from_config(sparse.get_layer("str_b").get_config()).min_channels == 1

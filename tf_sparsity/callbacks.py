@@ -3,7 +3,6 @@
 import warnings
 
 import keras
-import numpy as np
 from keras import ops
 
 from tf_sparsity import surgery
@@ -346,6 +345,11 @@ class TargetFlops(TargetSparsity):
                 f"({sorted(coupling.groups.frozen.items())[:4]}) or read by layers left out of channel-STR "
                 "are never removed.")
         super().on_train_begin(logs)
+
+    @property
+    def emptied_groups(self):
+        """Names of the channel groups that were emptied at some update (none while `min_channels` >= 1)."""
+        return sorted(self._reported)
 
     def current_target(self, step):
         """The scheduled MACs fraction at optimizer step `step`."""

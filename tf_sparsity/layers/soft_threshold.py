@@ -233,6 +233,11 @@ class SoftThreshold(KernelWrapper):
             self.add_loss(0.5 * self.s_decay * self.threshold_decay_scale * ops.square(self._logit()))
         return super().call(inputs, *args, **kwargs)
 
+    @classmethod
+    def from_config(cls, config):
+        """Layers saved before `min_channels` existed had no floor: they load as they ran."""
+        return super().from_config({"min_channels": 0, **config})
+
     def get_config(self):
         config = super().get_config()
         config.update(
