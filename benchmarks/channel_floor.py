@@ -13,7 +13,8 @@ to the last step, an update every 2 steps), then `tfs.strip`. Reported:
 the stripped model's MACs / dense, the channel groups emptied during the
 run (`TargetFlops.emptied_groups`), how much the stripped model's output
 still depends on its input (the std over 32 fresh inputs of each logit,
-averaged, over the same for the dense model; 0 = no signal reaches the
+averaged, over the same for the dense model, both with BN statistics
+recalibrated on the run's data; 0 = no signal reaches the
 classifier), the largest difference between the stripped and the
 thresholded model relative to the largest output, and the time of the fit.
 """
@@ -39,8 +40,9 @@ def run_one(net, size, flops, floor, samples, seed):
             layer.set_weights([(rng.normal(size=w.shape) ** 2 * 0.5 + 0.5).astype("float32")
                                for w in layer.get_weights()])
     probe = rng.normal(size=(32, size, size, 3)).astype("float32")
-    dense_std = float(np.asarray(model(probe, training=False)).std(axis=0).mean())
     x = rng.normal(size=(samples, size, size, 3)).astype("float32")
+    tfs.recalibrate_batchnorm(model, x, batch_size=16)  # the dense reference gets the same BN treatment
+    dense_std = float(np.asarray(model(probe, training=False)).std(axis=0).mean())
     y = rng.integers(0, 10, samples)
     sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False, shrink=False,
                                 weight_decay=5e-4, min_channels=floor)
