@@ -11,6 +11,7 @@ import numpy as np
 from keras import ops
 
 from tf_sparsity import _compat, surgery
+from tf_sparsity.pruning.finetune import train_steps
 from tf_sparsity.pruning.greedy_loss import greedy_loss
 from tf_sparsity.summarize import summary
 
@@ -427,8 +428,7 @@ def _imitate(student, teacher, x, steps, batch_size, seed):
 
     targets = teacher.predict(x, verbose=0, batch_size=512)
     data = tf.data.Dataset.from_tensor_slices((x, targets)).shuffle(len(x), seed=seed).repeat().batch(batch_size)
-    student.compile(keras.optimizers.Adam(1e-3), "mse")
-    student.fit(data, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False)  # already shuffled
+    train_steps(student, data.take(steps), keras.losses.MeanSquaredError(), keras.optimizers.Adam(1e-3))
 
 
 def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, batch_size, seed,

@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 from tf_sparsity import _compat, prunable, surgery
+from tf_sparsity.pruning.finetune import train_steps
 
 __all__ = ["greedy_loss"]
 
@@ -357,6 +358,6 @@ def _finetune(model, x, targets, from_logits, steps, batch_size, learning_rate, 
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     else:
         loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits)
-    model.compile(keras.optimizers.SGD(learning_rate, momentum=0.9), loss)
     rows = rng.choice(len(x), steps * batch_size, replace=steps * batch_size > len(x))
-    model.fit(x[rows], targets[rows], batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    batches = ((x[part], targets[part]) for part in np.split(rows, steps))
+    train_steps(model, batches, loss, keras.optimizers.SGD(learning_rate, momentum=0.9))
