@@ -8,7 +8,6 @@ for this loop on the MNIST-1D MobileNet, paid once per pruned group.
 """
 
 
-
 def train_steps(model, batches, loss, optimizer):
     """One `optimizer` step per `(x, y)` of `batches` on `loss(y, model(x)) + sum(model.losses)`.
 
