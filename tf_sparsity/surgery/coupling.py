@@ -236,12 +236,11 @@ class ChannelCoupling:
 
     def emptied_groups(self, alive):
         """Names of the groups all of whose thresholded units are dead under `alive`."""
-        number = {int(r): i for i, r in enumerate(self.roots)}
         alive = np.asarray(alive, bool)
         out = []
-        for name, group in self.groups.prunable().items():
-            ids = [number[int(r)] for r in group.units if int(r) in number]
-            if ids and len(ids) == group.size and not alive[ids].any():
+        for g, (name, group) in enumerate(self.groups.prunable().items()):
+            ids = np.flatnonzero(self.unit_group == g)
+            if len(ids) and len(ids) == group.size and not alive[ids].any():
                 out.append(name)
         return out
 
