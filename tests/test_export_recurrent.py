@@ -47,7 +47,8 @@ def test_float_step_model_on_litert_equals_keras(kind):
     assert result.report.verification["max_abs_diff"] < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["gru", "lstm", "lowrank_gru", "fastgrnn"])
+@pytest.mark.parametrize("kind", [pytest.param("gru", marks=pytest.mark.slow), "lstm",
+                                  pytest.param("lowrank_gru", marks=pytest.mark.slow), "fastgrnn"])
 def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tmp_path):
     model = chain(CELLS[kind](), keras.layers.Dense(3))
     x = seqs()
@@ -93,6 +94,7 @@ def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tm
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
     score = step_export._score
 
@@ -130,6 +132,7 @@ def test_step_file_does_not_grow_with_the_sequence():
     assert abs(sizes[0] - sizes[1]) <= 64
 
 
+@pytest.mark.slow
 def test_head_once_per_sequence_matches_the_head_at_every_step():
     model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
     x = seqs()
@@ -155,6 +158,7 @@ def test_head_once_per_sequence_matches_the_head_at_every_step():
         np.testing.assert_allclose(bare.run_sequence(x[:3]), only_rnn(x[:3]), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_default_step_head_is_joined_and_matches_keras(tmp_path):
     model = chain(keras.layers.LSTM(6), keras.layers.Dense(3))
     x = seqs()
@@ -207,6 +211,7 @@ def test_edgetpu_preflight_passes_for_the_step_gru():
     assert result.report.preflight.first_fallback is None
 
 
+@pytest.mark.slow
 def test_loop_is_float_only_and_auto_keeps_litert_whole_sequence():
     model = chain(keras.layers.GRU(8), keras.layers.Dense(3))
     x = seqs()

@@ -249,7 +249,7 @@ def _small_zoo(net):
                                      {"widths": (8, 12), "expansion": 2}))
 
 
-@pytest.mark.parametrize("net", ["mnist1d_resnet", "mnist1d_mobilenet"])
+@pytest.mark.parametrize("net", ["mnist1d_resnet", pytest.param("mnist1d_mobilenet", marks=pytest.mark.slow)])
 def test_greedy_loss_batched_candidates_equal_kernel_masks(net):
     # Scaling each consumer's input per candidate (many candidates per call, in
     # chunks) gives the outputs of assigning the multipliers to the kernels.

@@ -157,7 +157,8 @@ def test_greedy_reconstruction_is_exact_when_keeping_all_and_beats_l1():
     assert error(small) < error(tfs.pruning.l1_norm_prune(model, flops=0.5))
 
 
-@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_cnn, tfs.zoo.mnist1d_resnet, tfs.zoo.mnist1d_mobilenet])
+@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_cnn, tfs.zoo.mnist1d_resnet,
+                                   pytest.param(tfs.zoo.mnist1d_mobilenet, marks=pytest.mark.slow)])
 def test_flops_budgets_land_within_two_percent(build):
     model = build()
     dense = tfs.summary(model, print_fn=None).flops

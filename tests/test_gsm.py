@@ -51,6 +51,7 @@ def test_training_then_final_prune_keeps_exactly_q(mnist1d_data):
     assert acc > 0.4  # chance is 0.1; quality is measured in benchmarks/gsm_vs_sgd.py
 
 
+@pytest.mark.slow
 def test_custom_training_loop_with_apply(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = small_cnn()
@@ -201,6 +202,7 @@ def test_magnitude_metric_and_ramp():
     np.testing.assert_allclose(np.sort(kept[kept > 0]), top5)
 
 
+@pytest.mark.slow
 def test_jit_compiled_step_falls_back_to_exact(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = small_cnn()
@@ -337,6 +339,7 @@ def test_mirrored_strategy_matches_single_device(mnist1d_data, mirrored_strategy
     assert pool_nonzeros(mirrored) == mirrored.optimizer.q
 
 
+@pytest.mark.slow
 def test_mixed_float16_with_loss_scaling(mnist1d_data):
     (x, y), _ = mnist1d_data
     keras.mixed_precision.set_global_policy("mixed_float16")
@@ -352,6 +355,7 @@ def test_mixed_float16_with_loss_scaling(mnist1d_data):
     assert pool_nonzeros(model) == opt.q
 
 
+@pytest.mark.slow
 def test_monitor_warns_about_double_l2_and_traces(mnist1d_data):
     (x, y), _ = mnist1d_data
     model = tfs.zoo.mnist1d_cnn(filters=8, hidden=16, weight_decay=5e-4)  # kernel_regularizer set

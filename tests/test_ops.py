@@ -58,6 +58,7 @@ def test_topk_mask_rejects_unknown_method():
         sops.topk_mask(np.ones(3, "float32"), 1, method="fast")
 
 
+@pytest.mark.slow
 def test_sampled_threshold_is_exact_on_small_pools_and_close_on_large():
     scores = np.random.default_rng(0).permutation(1000).astype("float32")
     assert float(sops.sampled_threshold([scores[:600], scores[600:]], 25)) == 975.0

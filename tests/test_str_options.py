@@ -96,6 +96,7 @@ def test_bad_steer_arguments():
         tfs.callbacks.TargetSparsity(0.9, finish="snap")
 
 
+@pytest.mark.slow
 def test_auto_mode_picks_decay_for_learned_thresholds_and_offset_otherwise(mnist1d_data):
     (x, y), _ = mnist1d_data
     for learn, expected in [(True, "decay"), (False, "offset")]:
@@ -140,6 +141,7 @@ def _paper_regime_fit(steps, rule, finish="none", target=0.5, s_init=-3200.0, mo
     return sparse, steer, np.array(logits)
 
 
+@pytest.mark.slow
 def test_ratio_rule_brings_the_paper_regime_to_the_target_without_overshoot():
     sparse, steer, logits = _paper_regime_fit(400, "ratio")
     # Far from the active region |s| contracts at the capped rate: the heavy-ball root formula is exact.

@@ -235,7 +235,7 @@ def test_steered_hard_mask_threshold_stays_clear_of_every_group():
         assert abs(steering.current_sparsity(found) - fraction) < 0.1
 
 
-@pytest.mark.parametrize("net", ["mnist1d_resnet", "mnist1d_mobilenet"])
+@pytest.mark.parametrize("net", ["mnist1d_resnet", pytest.param("mnist1d_mobilenet", marks=pytest.mark.slow)])
 def test_steering_over_channel_groups_counts_the_zeros_exactly(net):
     # An entry dies with the first of its row and column groups: the solver's
     # count must equal the sparsity the model then has (it overshot by up to 0.3).

@@ -87,6 +87,7 @@ def test_softmax_head_scores_the_logits():
         np.testing.assert_allclose(a[name][0], b[name][0], rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_float32_rounds_rank_like_float64_on_residual_gated_networks():
     # Add and Multiply mix paths: per-kernel rescaling would change the
     # ranking; power-of-two tensor rescaling keeps one common factor.
@@ -104,6 +105,7 @@ def test_float32_rounds_rank_like_float64_on_residual_gated_networks():
     assert info["nonfinite"] == 0
 
 
+@pytest.mark.slow
 def test_deep_products_overflowing_float64_stay_finite():
     # 60 wide layers of |W| ~ N(0, 1): R ~ 50**60 overflows float32 and
     # float64 would at depth ~180; the scaled float32 scores are finite and
