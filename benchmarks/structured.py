@@ -107,6 +107,7 @@ def retrained(model, train, test, epochs, weight_decay=5e-4):
 
 
 GROUP_METHODS = ("l1-norm (uniform)", "l1-norm (global)", "random", "greedy (reconstruction)",
+                 "greedy (reconstruction, global)",
                  "channel-STR (groups)", "channel-STR (groups, MACs target)", "greedy (loss, budget stop)",
                  "greedy (loss, 98% stop)")
 
@@ -142,6 +143,9 @@ def group_pruned(method, dense, budget, train, a, seed, val=None, net=None):
     if method == "greedy (reconstruction)":
         return tfs.greedy_prune(dense, x[:512], objective="reconstruction", flops=budget, tolerance=0.0,
                                 batch_size=512, verbose=0, seed=seed)
+    if method == "greedy (reconstruction, global)":  # one relative-error level across groups
+        return tfs.greedy_prune(dense, x[:512], objective="reconstruction", flops=budget, tolerance=0.0,
+                                batch_size=512, verbose=0, seed=seed, allocation="global")
     if method == "greedy (loss, budget stop)":  # the paper's selection, stopped by the MACs cap
         return tfs.greedy_prune(dense, (x, y), objective="loss", flops=budget, accuracy_fraction=None,
                                 candidates=a.candidates, batch_size=a.loss_batch, finetune_steps=a.between_steps,
@@ -244,7 +248,8 @@ def group_nets(a):
     `--candidates` per step on minibatches of `--loss-batch`, `--between-steps`
     SGD steps between groups);
     "greedy (loss, 98% stop)" has no MACs budget (run once, budget "none");
-    "greedy (reconstruction)" is our least-squares variant; "channel-STR
+    "greedy (reconstruction)" is our least-squares variant (", global": one
+    relative-error level across groups instead of a uniform width); "channel-STR
     (groups)" trains from scratch with the weight-sparsity target
     `--str-targets` gives for the budget, then `tfs.strip`. Export: TFLM int8
     (file bytes, arena, invoke, EdgeTPU preflight of the same file) and

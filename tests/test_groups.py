@@ -157,6 +157,29 @@ def test_greedy_reconstruction_is_exact_when_keeping_all_and_beats_l1():
     assert error(small) < error(tfs.pruning.l1_norm_prune(model, flops=0.5))
 
 
+@pytest.mark.slow
+def test_greedy_reconstruction_global_allocation_stops_every_group_at_one_error_level():
+    model = tfs.zoo.mnist1d_mobilenet()
+    x = random_like((128, 40, 1))
+    dense = tfs.summary(model, print_fn=None).flops
+    runs = {allocation: tfs.greedy_prune(model, x, objective="reconstruction", flops=0.5, tolerance=0.0,
+                                         allocation=allocation, verbose=0, return_report=True)
+            for allocation in ("uniform", "global")}
+    for small, _ in runs.values():
+        assert 0.45 <= tfs.summary(small, print_fn=None).flops / dense <= 0.5
+    small, report = runs["global"]
+    assert 0.49 <= tfs.summary(small, print_fn=None).flops / dense
+    # Uniform widths leave some groups far worse reconstructed than others; one
+    # level cuts the easy groups (here the expansions) harder and evens the errors.
+    worst = {a: max(r["error"] for r in rep.values()) for a, (_, rep) in runs.items()}
+    assert worst["global"] < 0.5 * worst["uniform"]
+    assert report["b4_expand"]["kept"] < runs["uniform"][1]["b4_expand"]["kept"]
+    with pytest.raises(ValueError, match="`allocation='global'` needs"):
+        tfs.greedy_prune(model, x, objective="loss", flops=0.5, allocation="global", verbose=0)
+    with pytest.raises(ValueError, match="`allocation` must be one of"):
+        tfs.greedy_prune(model, x, objective="reconstruction", flops=0.5, allocation="layerwise")
+
+
 @pytest.mark.parametrize("build", [tfs.zoo.mnist1d_cnn, tfs.zoo.mnist1d_resnet,
                                    pytest.param(tfs.zoo.mnist1d_mobilenet, marks=pytest.mark.slow)])
 def test_flops_budgets_land_within_two_percent(build):

@@ -176,7 +176,8 @@ def _sub_models(model, chain):
 
 def greedy_prune(model, data, objective="auto", width=None, flops=None, tolerance=1e-3,
                  candidates=None, taylor=False, finetune_steps=0, batch_size=256, seed=0,
-                 verbose=1, return_report=False, accuracy_fraction=0.98, learning_rate=1e-2):
+                 verbose=1, return_report=False, accuracy_fraction=0.98, learning_rate=1e-2,
+                 allocation="uniform"):
     """Structured pruning by greedy forward selection; returns a smaller model.
 
     Layer by layer (units of Dense, filters of Conv1D/Conv2D, input side
@@ -221,6 +222,9 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
             steps on the loss after every group (the paper's short
             fine-tuning between layers).
         accuracy_fraction, learning_rate: "loss" only (see `greedy_loss`).
+        allocation: "reconstruction" with `flops` only: "uniform" (every group
+            keeps the same fraction) or "global" (one relative-error level
+            across groups; see `greedy_groups`).
         return_report: also return a dict per layer (kept/total, error, objective).
 
     Example:
@@ -235,6 +239,11 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
         raise ValueError(f"`tolerance` must be a number >= 0; received {tolerance!r}.")
     if candidates is not None and (not isinstance(candidates, int) or candidates < 1):
         raise ValueError(f"`candidates` must be an integer >= 1; received {candidates!r}.")
+    if allocation not in surgery.ALLOCATIONS:
+        raise ValueError(f"`allocation` must be one of {list(surgery.ALLOCATIONS)}; received {allocation!r}.")
+    if allocation != "uniform" and (objective != "reconstruction" or flops is None):
+        raise ValueError("`allocation='global'` needs `objective='reconstruction'` and a `flops` budget; "
+                         f"received objective={objective!r}, flops={flops!r}.")
     surgery.check_model(model)
     x = _inputs_of(data, model)
     if objective == "loss":
@@ -250,7 +259,7 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
             width = 1.0 - 1e-9
         current, report = greedy_groups(model, x[:batch_size], width=width, flops=flops,
                                         tolerance=tolerance, candidates=candidates, seed=seed,
-                                        verbose=verbose)
+                                        allocation=allocation, verbose=verbose)
         if finetune_steps:
             _imitate(current, model, x, finetune_steps, batch_size, seed)
         return (current, report) if return_report else current
@@ -316,7 +325,11 @@ def _unit_contributions(h, layer, rows, max_elements=20_000_000):
 
 def _orthogonal_select(gram, b, budget, tolerance, candidates, rng):
     """Forward selection minimising ||T - sum_S alpha_j c_j||^2 in Gram form, with
-    incremental Gram-Schmidt (O(N k) per step, not a solve per candidate)."""
+    incremental Gram-Schmidt (O(N k) per step, not a solve per candidate).
+
+    Returns the units in the order they were added and the relative error
+    after each addition (non-increasing).
+    """
     n = len(gram)
     total = max(float(b.sum()), 1e-30)
     diag = np.diag(gram).copy()
@@ -325,8 +338,8 @@ def _orthogonal_select(gram, b, budget, tolerance, candidates, rng):
     w = np.zeros(min(budget, n))
     proj_b = np.zeros(n)  # G_jS G_SS^-1 b_S
     proj_d = np.zeros(n)  # G_jS G_SS^-1 G_Sj
-    selected, explained, error = [], 0.0, 1.0
-    while len(selected) < budget and error > tolerance:
+    selected, errors, explained, error = [], [], 0.0, 1.0
+    while len(selected) < min(budget, n) and error > tolerance:
         den = diag - proj_d
         gains = (b - proj_b) ** 2 / np.maximum(den, floor)
         gains[selected] = -np.inf
@@ -343,13 +356,30 @@ def _orthogonal_select(gram, b, budget, tolerance, candidates, rng):
         explained += w[t] ** 2
         selected.append(j)
         error = max(1.0 - explained / total, 0.0)
-    s = np.asarray(selected)
-    g = gram[np.ix_(s, s)] + 1e-10 * np.eye(len(s)) * max(1.0, np.trace(gram) / n)
-    return selected, np.linalg.solve(g, b[s]), error
+        errors.append(error)
+    return selected, errors
+
+
+def _refit(gram, b, kept):
+    """Least-squares weights of the units `kept` and the relative error they leave."""
+    n = len(gram)
+    g = gram[np.ix_(kept, kept)] + 1e-10 * np.eye(len(kept)) * max(1.0, np.trace(gram) / n)
+    alpha = np.linalg.solve(g, b[kept])
+    return alpha, max(1.0 - float(alpha @ b[kept]) / max(float(b.sum()), 1e-30), 0.0)
+
+
+def _selection_scores(size, order, errors):
+    """Per-unit scores for a global allocation: the relative error left just before the unit
+    was added (1 for the first), so one threshold keeps a prefix of every group's order; units
+    never added (the group met `tolerance` first) rank below all."""
+    scores = np.full(size, -1.0) - np.arange(size)[::-1] * 1e-9
+    before = np.concatenate([[1.0], errors[:-1]]) if len(order) else np.zeros(0)
+    scores[np.asarray(order, dtype=np.int64)] = before - np.arange(len(order)) * 1e-12
+    return scores
 
 
 def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=None, seed=0,
-                  verbose=0):
+                  allocation="uniform", verbose=0):
     """Greedy forward selection by channel dependency group ("reconstruction").
 
     For each prunable group of `tfs.surgery.channel_groups(model)`, the
@@ -359,7 +389,15 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
     (each consumer's error relative to its own energy, summed), with the
     least-squares re-weighting folded into every consumer and the removed
     units' mean into their biases. Statistics come from the original model;
-    one surgery at the end. `flops` is spent as a uniform width over groups.
+    one surgery at the end.
+
+    A `flops` budget is spread over the groups by `allocation`: "uniform"
+    (every group keeps the same fraction, the largest within the budget) or
+    "global" (every group is selected to the end of its order, then one
+    relative-error level is found, by bisection, such that each group keeps
+    the units added before its error fell below it: the same stopping rule in
+    every group, as the paper's per-layer stop, at the level that meets the
+    MACs; groups that are easy to reconstruct lose more).
 
     Args:
         model: built Sequential / functional model.
@@ -367,6 +405,7 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
         width, flops: the budget (see `tfs.surgery.keep_for_budget`).
         tolerance: stop a group early at this relative reconstruction error.
         candidates: evaluate only this many random candidates per step.
+        allocation: "uniform" or "global" (`flops` only).
 
     Returns `(small model, report)`; the report has one dict per group.
 
@@ -377,15 +416,25 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
     >>> small, report = tfs.pruning.greedy_groups(m, x, flops=0.5)
     >>> tfs.summary(small, print_fn=None).flops <= 0.5 * tfs.summary(m, print_fn=None).flops
     True
+    >>> small, report = tfs.pruning.greedy_groups(m, x, flops=0.5, allocation="global")
+    >>> tfs.summary(small, print_fn=None).flops <= 0.5 * tfs.summary(m, print_fn=None).flops
+    True
     """
+    if allocation not in surgery.ALLOCATIONS:
+        raise ValueError(f"`allocation` must be one of {list(surgery.ALLOCATIONS)}; received {allocation!r}.")
+    if allocation == "global" and flops is None:
+        raise ValueError("`allocation='global'` spreads a `flops` budget; pass `flops`, not `width`.")
     groups = surgery.channel_groups(model)
     prunable = groups.prunable()
     zeros = {name: np.zeros(g.size) for name, g in prunable.items()}
-    budgets = {n: len(k) for n, k in surgery.keep_for_budget(groups, zeros, width=width,
-                                                             flops=flops).items()}
+    if allocation == "global":  # checks the budget is reachable before the selection runs
+        surgery.keep_for_budget(groups, zeros, flops=flops)
+        caps = {name: g.size for name, g in prunable.items()}
+    else:
+        caps = {n: len(k) for n, k in surgery.keep_for_budget(groups, zeros, width=width,
+                                                              flops=flops).items()}
     rng = np.random.default_rng(seed)
-    scales, shifts, keep, report = {}, {}, {}, {}
-    producers = [(layer, inp) for layer, kind, inp, _ in groups.layers.values() if kind == "producer"]
+    fits, orders, report = {}, {}, {}
     progress = keras.utils.Progbar(len(prunable), verbose=verbose, unit_name="group")
     for step, (name, group) in enumerate(prunable.items()):
         consumers = groups.consumers(group)
@@ -397,25 +446,32 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
             parts.append((layer, rows, c.astype("float64") / np.sqrt(energy), np.sqrt(energy)))
         centered = [(c - c.mean(axis=1, keepdims=True)).reshape(len(c), -1) for _, _, c, _ in parts]
         gram = sum(m @ m.T for m in centered)
-        selected, alpha, error = _orthogonal_select(gram, gram.sum(axis=1), budgets[name], tolerance,
-                                                    candidates, rng)
-        order = np.argsort(selected)
-        kept, alpha = np.asarray(selected)[order], np.asarray(alpha)[order]
-        keep[name] = kept
-        for layer, rows, c, norm in parts:
+        # Only the Gram matrix and each consumer's per-unit means outlive the loop (the
+        # contributions can be hundreds of MB per group on a keras.applications network).
+        means = [(layer, rows, c.mean(axis=1) * norm) for layer, rows, c, norm in parts]
+        fits[name] = (gram, gram.sum(axis=1), means)
+        orders[name] = _orthogonal_select(gram, fits[name][1], caps[name], tolerance, candidates, rng)
+        report[name] = {"total": group.size, "consumers": [layer.name for layer, _ in consumers]}
+        progress.update(step + 1, values=[("error", orders[name][1][-1])])
+    if allocation == "global":
+        scores = {name: _selection_scores(prunable[name].size, *orders[name]) for name in prunable}
+        keep = surgery.keep_for_budget(groups, scores, flops=flops, allocation="global")
+    else:
+        keep = {name: np.sort(order) for name, (order, _) in orders.items()}
+    scales, shifts = {}, {}
+    for name, (gram, b, means) in fits.items():
+        kept = np.asarray(keep[name], dtype=np.int64)
+        alpha, error = _refit(gram, b, kept)
+        for layer, rows, mean in means:
             scale = scales.setdefault(layer.name, np.ones(layer.kernel.shape[-2]))
             for k, a in zip(kept, alpha):
                 scale[rows[k]] = a
-            means = c.mean(axis=1) * norm  # back to the layer's own units
-            shift = means.sum(axis=0) - alpha @ means[kept]
-            shifts[layer.name] = shifts.get(layer.name, 0.0) + shift
-        report[name] = {"kept": len(kept), "total": group.size, "error": error,
-                        "consumers": [layer.name for layer, _ in consumers]}
-        progress.update(step + 1, values=[("kept", len(kept) / group.size), ("error", error)])
+            shifts[layer.name] = shifts.get(layer.name, 0.0) + mean.sum(axis=0) - alpha @ mean[kept]
+        report[name].update(kept=len(kept), error=error)
     masks = groups.keep_masks(keep)
     input_scale = {}
-    for layer, _ in producers:
-        if layer.name in scales:
+    for layer, kind, _, _ in groups.layers.values():
+        if kind == "producer" and layer.name in scales:
             input_scale[layer.name] = scales[layer.name][masks[id(layer)][0]]
     small = surgery.prune_groups(model, keep, groups, input_scale=input_scale,
                                  bias_shift={n: v.astype("float32") for n, v in shifts.items()})
