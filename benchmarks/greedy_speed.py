@@ -25,7 +25,8 @@ process; the estimated selection time is the group's budget units x
 inputs, 10 classes, `--samples` standard-normal inputs (no labels: the loss
 mode is the global variant, against the original model's output), greedy at
 `--flops`: "reconstruction" is `greedy_prune(objective="reconstruction",
-tolerance=0.0, batch_size=samples)`, "loss" is `greedy_prune(objective="loss",
+tolerance=0.0, batch_size=samples)` ("reconstruction-global": with
+`allocation="global"`), "loss" is `greedy_prune(objective="loss",
 accuracy_fraction=None, candidates=--candidates, batch_size=--batch)`.
 Wall time, CPU time, load average, MACs reached (stripped model / dense),
 units kept.
@@ -168,9 +169,10 @@ def apps(a):
             dense = tfs.summary(model, print_fn=None).flops
             x = np.random.default_rng(0).normal(size=(a.samples, a.size, a.size, 3)).astype("float32")
             load, cpu, start = os.getloadavg()[0], time.process_time(), time.perf_counter()
-            if mode == "reconstruction":
+            if mode.startswith("reconstruction"):  # "reconstruction" or "reconstruction-global"
                 small, report = tfs.greedy_prune(model, x, objective="reconstruction", flops=a.flops, tolerance=0.0,
-                                                 batch_size=a.samples, verbose=0, return_report=True)
+                                                 batch_size=a.samples, verbose=0, return_report=True,
+                                                 allocation="global" if mode.endswith("global") else "uniform")
             else:
                 small, report = tfs.greedy_prune(model, x, objective="loss", flops=a.flops, accuracy_fraction=None,
                                                  candidates=a.candidates, batch_size=a.batch, verbose=a.verbose,

@@ -2,6 +2,7 @@
 
     python benchmarks/tflm_op_profile.py --dense-dir benchmarks/results/dense_models --seed 0
     python benchmarks/tflm_op_profile.py --untrained           # widths only (L1 uniform widths do not depend on weights)
+    python benchmarks/tflm_op_profile.py --whole --seeds 0 1 2 --runs 5 --rounds 200   # whole invokes, 3 seeds
 
 tflite-micro's Python interpreter has no op profiler, so the time of op k is
 measured as the difference of two invokes: the model cut after op k (the first
@@ -12,8 +13,9 @@ difference is noisy (a few µs), sums over op types are not.
 
 Models: the dense `tfs.zoo.mnist1d_mobilenet` (trained, from `--dense-dir`
 as `benchmarks/structured.py --groups --dense-dir` saved it, or untrained
-with `--untrained`) and its `--methods` pruned at `--budgets` of the dense
-MACs (no fine-tuning: the invoke time does not depend on the weights' values).
+with `--untrained`) and its `--methods` ("l1-norm (uniform|global)",
+"greedy (reconstruction)", "greedy (reconstruction, global)") pruned at
+`--budgets` of the dense MACs (no fine-tuning: the invoke time does not depend on the weights' values).
 Per op type: time in the dense model, in each pruned model, and the ratio,
 next to the MACs ratio of that op type.
 """
@@ -96,6 +98,61 @@ def by_type(ops):
     return table
 
 
+def pruned_files(a, seed, x):
+    """The dense model of `seed` and its `--methods` at `--budgets`: ({name: model}, {name: int8 .tflite}, refused)."""
+    keras.utils.set_random_seed(seed)
+    if a.untrained:
+        dense = getattr(tfs.zoo, a.net)(weight_decay=5e-4)
+    else:
+        dense = keras.models.load_model(pathlib.Path(a.dense_dir) / f"{a.net}_s{seed}_e{a.epochs}.keras")
+    models = {"dense": dense}
+    for budget in a.budgets:
+        for method in a.methods:
+            allocation = "global" if "global" in method else "uniform"
+            if method.startswith("greedy (reconstruction"):  # the same calls as structured.py's rows
+                models[f"{method} @{budget}"] = tfs.greedy_prune(
+                    dense, x[:512], objective="reconstruction", flops=budget, tolerance=0.0, batch_size=512,
+                    verbose=0, seed=seed, allocation=allocation)
+            else:
+                models[f"{method} @{budget}"] = tfs.pruning.l1_norm_prune(dense, flops=budget,
+                                                                          allocation=allocation)
+    tflites, refused = {}, {}
+    for k, m in models.items():
+        try:
+            tflites[k] = tfs.export.convert(m, target="tflm", representative_data=x[:256]).tflite
+        except tfs.export.VerificationError as error:  # recorded; the timing needs only the file
+            refused[k] = str(error)[:300]
+            print(f"{k}: verification failed ({refused[k]}); timed unverified", flush=True)
+            tflites[k] = tfs.export.convert(m, target="tflm", representative_data=x[:256], verify=False).tflite
+    return models, tflites, refused
+
+
+def whole_speedups(a, x):
+    """`--whole`: only whole invokes, every seed's models interleaved finely (`--runs` per turn)."""
+    files, macs = {}, {}
+    for seed in a.seeds:
+        models, tflites, _ = pruned_files(a, seed, x)
+        dense_macs = tfs.summary(models["dense"], print_fn=None).flops
+        for name, t in tflites.items():
+            files[(seed, name)] = t
+            macs[(seed, name)] = tfs.summary(models[name], print_fn=None).flops / dense_macs
+    invokers = {key: tflm_invoker(t) for key, t in files.items()}
+    with runtimes.captured_stderr():
+        times = time_interleaved(invokers, a.runs, a.rounds, warmup=5)
+    names = list(dict.fromkeys(name for _, name in files))
+    lines = ["| model | MACs vs dense | TFLM int8 invoke µs per seed | speed-up per seed | speed-up (mean ± std) |",
+             "|---|---|---|---|---|"]
+    rows = {}
+    for name in names:
+        us = [times[(s, name)] * 1e6 for s in a.seeds]
+        up = [times[(s, "dense")] / times[(s, name)] for s in a.seeds]
+        rows[name] = {"us": us, "speedup": up, "macs": [macs[(s, name)] for s in a.seeds]}
+        lines.append(f"| {name} | {np.mean(rows[name]['macs']):.3f} | {' / '.join(f'{u:.0f}' for u in us)} | "
+                     f"{' / '.join(f'{u:.2f}' for u in up)} | {np.mean(up):.2f} ± {np.std(up):.2f}× |")
+    print("\n".join(lines))
+    write_results(HERE / "results" / a.out, {"args": vars(a), "whole": rows, "table": lines})
+
+
 def main():
     p = parser(__doc__)
     p.add_argument("--dense-dir", default=str(HERE / "results" / "dense_models"))
@@ -108,27 +165,15 @@ def main():
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="tflm_op_profile.json")
+    p.add_argument("--whole", action="store_true", help="whole invokes only, over --seeds (no per-op profile)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a = p.parse_args()
-    keras.utils.set_random_seed(a.seed)
     (x, _), _ = tfs.datasets.mnist1d(num_samples=2000)
-    if a.untrained:
-        dense = getattr(tfs.zoo, a.net)(weight_decay=5e-4)
-    else:
-        dense = keras.models.load_model(pathlib.Path(a.dense_dir) / f"{a.net}_s{a.seed}_e{a.epochs}.keras")
-    models = {"dense": dense}
-    for budget in a.budgets:
-        for method in a.methods:
-            allocation = "global" if "global" in method else "uniform"
-            models[f"{method} @{budget}"] = tfs.pruning.l1_norm_prune(dense, flops=budget, allocation=allocation)
-    tflites, refused = {}, {}
-    for k, m in models.items():
-        try:
-            tflites[k] = tfs.export.convert(m, target="tflm", representative_data=x[:256]).tflite
-        except tfs.export.VerificationError as error:  # recorded; the timing needs only the file
-            refused[k] = str(error)[:300]
-            print(f"{k}: verification failed ({refused[k]}); timed unverified", flush=True)
-            tflites[k] = tfs.export.convert(m, target="tflm", representative_data=x[:256], verify=False).tflite
+    if a.whole:
+        return whole_speedups(a, x)
+    models, tflites, refused = pruned_files(a, a.seed, x)
     result = profile(tflites, a.runs, a.rounds)
+    dense = models["dense"]
     dense_types = by_type(result["dense"]["ops"])
     lines = ["| model | op type | ops | µs (dense µs) | time vs dense | MACs vs dense | share of the model's time |",
              "|---|---|---|---|---|---|---|"]
