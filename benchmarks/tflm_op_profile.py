@@ -14,8 +14,9 @@ difference is noisy (a few µs), sums over op types are not.
 Models: the dense `tfs.zoo.mnist1d_mobilenet` (trained, from `--dense-dir`
 as `benchmarks/structured.py --groups --dense-dir` saved it, or untrained
 with `--untrained`) and its `--methods` ("l1-norm (uniform|global)",
-"greedy (reconstruction)", "greedy (reconstruction, global)") pruned at
-`--budgets` of the dense MACs (no fine-tuning: the invoke time does not depend on the weights' values).
+"greedy (reconstruction)", "greedy (reconstruction, global)", and "channel-STR
+(groups, MACs target)", trained from scratch for `--epochs` as in structured.py)
+pruned at `--budgets` of the dense MACs (no fine-tuning: the invoke time does not depend on the weights' values).
 Per op type: time in the dense model, in each pruned model, and the ratio,
 next to the MACs ratio of that op type.
 """
@@ -109,7 +110,16 @@ def pruned_files(a, seed, x):
     for budget in a.budgets:
         for method in a.methods:
             allocation = "global" if "global" in method else "uniform"
-            if method.startswith("greedy (reconstruction"):  # the same calls as structured.py's rows
+            if method == "channel-STR (groups, MACs target)":  # trained from scratch as structured.py's row
+                from structured_str import channel_str
+
+                (x_all, y_all), _ = tfs.datasets.mnist1d(num_samples=4000)
+                cut = len(x_all) - int(0.1 * len(x_all))
+                keras.utils.set_random_seed(seed)
+                sparse, _, _ = channel_str(a.net, None, True, (x_all[:cut], y_all[:cut]),
+                                           (x_all[cut:], y_all[cut:]), a.epochs, flops=budget)
+                models[f"{method} @{budget}"] = tfs.strip(sparse)
+            elif method.startswith("greedy (reconstruction"):  # the same calls as structured.py's rows
                 models[f"{method} @{budget}"] = tfs.greedy_prune(
                     dense, x[:512], objective="reconstruction", flops=budget, tolerance=0.0, batch_size=512,
                     verbose=0, seed=seed, allocation=allocation)
