@@ -67,11 +67,11 @@ def _macs_fraction(small, model):
     return tfs.summary(small, print_fn=None).flops / tfs.summary(model, print_fn=None).flops
 
 
-def _fit_to_flops(model, x, y, flops, epochs=1, batch_size=32):
+def _fit_to_flops(model, x, y, flops, epochs=1, batch_size=32, run_eagerly=False):
     sparse = tfs.soft_threshold(model, granularity="channel", learn_threshold=False, shrink=False,
                                 weight_decay=5e-4)
     sparse.compile(keras.optimizers.SGD(0.01, momentum=0.9),
-                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), run_eagerly=run_eagerly)
     steps = epochs * int(np.ceil(len(x) / batch_size))
     steer = tfs.callbacks.TargetFlops(flops, end_step=steps - 1, update_every=2)
     sparse.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, callbacks=[steer])
@@ -99,7 +99,9 @@ def test_target_flops_on_efficientnet_b0():
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10,
                                               classifier_activation=None)
     x, y = random_like((64, 32, 32, 3), seed=1), np.arange(64) % 10
-    sparse, steer = _fit_to_flops(model, x, y, 0.5, batch_size=16)
+    # Eager: four steps run faster than tracing EfficientNetB0's train step (46 s); the traced
+    # step is covered on the zoo nets above.
+    sparse, steer = _fit_to_flops(model, x, y, 0.5, batch_size=16, run_eagerly=True)
     small = tfs.strip(sparse)
     assert abs(_macs_fraction(small, model) - 0.5) <= 0.02, _macs_fraction(small, model)
     assert small.count_params() < model.count_params()

@@ -282,21 +282,17 @@ def test_greedy_loss_batched_candidates_equal_kernel_masks(net):
 ])
 def test_greedy_loss_batched_selects_the_units_of_the_sequential_reference(net, options, monkeypatch):
     # The layers below the group once per minibatch and the candidates batched
-    # (chunks of 2 for 3 candidates) must select what one candidate at a time,
-    # multipliers on the kernels, whole network, selects.
+    # must select what one candidate at a time, multipliers on the kernels,
+    # whole network, selects.
     import importlib
 
     module = importlib.import_module("tf_sparsity.pruning.greedy_loss")
     model = _small_zoo(net)
     x, y = random_like((128, 40, 1), seed=4), np.arange(128) % 10
     kwargs = dict(candidates=3, batch_size=32, eval_samples=32, seed=1, **options)
-    split = module._split
-    runs = {}
-    if not options.get("finetune_steps"):  # chunking checked once; per-group surgery adds nothing to it
-        monkeypatch.setattr(module, "_split", lambda m, mask: split(m, mask, memory=1))
-        runs["chunked"] = module.greedy_loss(model, x, y, **kwargs)[1]  # memory=1: one candidate per call
-    monkeypatch.setattr(module, "_split", split)
-    runs["fast"] = module.greedy_loss(model, x, y, **kwargs)[1]
+    # Chunking (one candidate per call, 2 + 2 + 1) is checked call by call in
+    # test_greedy_loss_batched_candidates_equal_kernel_masks.
+    runs = {"fast": module.greedy_loss(model, x, y, **kwargs)[1]}
     monkeypatch.setattr(module, "_split", _sequential_split)
     slow = module.greedy_loss(model, x, y, **kwargs)[1]
     for report in runs.values():

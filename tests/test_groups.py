@@ -160,7 +160,7 @@ def test_greedy_reconstruction_is_exact_when_keeping_all_and_beats_l1():
 @pytest.mark.slow
 def test_greedy_reconstruction_global_allocation_stops_every_group_at_one_error_level():
     model = tfs.zoo.mnist1d_mobilenet()
-    x = random_like((128, 40, 1))
+    x = random_like((64, 40, 1))
     dense = tfs.summary(model, print_fn=None).flops
     runs = {allocation: tfs.greedy_prune(model, x, objective="reconstruction", flops=0.5, tolerance=0.0,
                                          allocation=allocation, verbose=0, return_report=True)
