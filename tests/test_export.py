@@ -402,7 +402,7 @@ def test_a_collapsed_int8_range_is_named_when_xnnpack_refuses_the_model():
         tfs.export.convert(model, quantize="int8", representative_data=x, fold_constant_units="yes")
 
 
-@pytest.mark.parametrize("reduce_units", [1, 3])
+@pytest.mark.parametrize("reduce_units", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_units_constant_on_the_calibration_data_are_folded_and_xnnpack_runs_the_model(reduce_units):
     model, x = dead_se_model(reduce_units)
     for target in ("litert", "tflm"):

@@ -48,7 +48,8 @@ def test_float_step_model_on_litert_equals_keras(kind):
 
 
 @pytest.mark.parametrize("kind", [pytest.param("gru", marks=pytest.mark.slow), "lstm",
-                                  pytest.param("lowrank_gru", marks=pytest.mark.slow), "fastgrnn"])
+                                  pytest.param("lowrank_gru", marks=pytest.mark.slow),
+                                  pytest.param("fastgrnn", marks=pytest.mark.slow)])
 def test_int8_step_model_runs_on_tflm_with_identical_state_quantization(kind, tmp_path):
     model = chain(CELLS[kind](), keras.layers.Dense(3))
     x = seqs()
@@ -118,6 +119,7 @@ def test_int16_states_are_chosen_when_int8_loses_predictions(monkeypatch):
     assert edgetpu.report.recurrent["state_dtype"] == "int8"  # the EdgeTPU runs int8 only
 
 
+@pytest.mark.slow
 def test_step_file_does_not_grow_with_the_sequence():
     sizes = []
     for steps in (10, 40):

@@ -135,7 +135,7 @@ def test_keras_applications_surgery_equals_masked_and_meets_the_budget(name):
     assert 0.49 <= ratio <= 0.5
 
 
-@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_resnet, tfs.zoo.mnist1d_mobilenet])
+@pytest.mark.parametrize("build", [tfs.zoo.mnist1d_resnet, pytest.param(tfs.zoo.mnist1d_mobilenet, marks=pytest.mark.slow)])
 def test_zoo_residual_and_inverted_residual_nets(build):
     model = build()
     groups, _ = _check_equal(model, (40, 1))
