@@ -372,7 +372,7 @@ def _selection_scores(size, order, errors):
     """Per-unit scores for a global allocation: the relative error left just before the unit
     was added (1 for the first), so one threshold keeps a prefix of every group's order; units
     never added (the group met `tolerance` first) rank below all."""
-    scores = np.full(size, -1.0) - np.arange(size)[::-1] * 1e-9
+    scores = -1.0 - np.arange(size) * 1e-9
     before = np.concatenate([[1.0], errors[:-1]]) if len(order) else np.zeros(0)
     scores[np.asarray(order, dtype=np.int64)] = before - np.arange(len(order)) * 1e-12
     return scores
@@ -426,11 +426,11 @@ def greedy_groups(model, x, width=None, flops=None, tolerance=1e-3, candidates=N
         raise ValueError("`allocation='global'` spreads a `flops` budget; pass `flops`, not `width`.")
     groups = surgery.channel_groups(model)
     prunable = groups.prunable()
-    zeros = {name: np.zeros(g.size) for name, g in prunable.items()}
-    if allocation == "global":  # checks the budget is reachable before the selection runs
-        surgery.keep_for_budget(groups, zeros, flops=flops)
+    if allocation == "global":  # every group to the end of its order; the budget is checked first
+        surgery.check_budget(groups, flops)
         caps = {name: g.size for name, g in prunable.items()}
     else:
+        zeros = {name: np.zeros(g.size) for name, g in prunable.items()}
         caps = {n: len(k) for n, k in surgery.keep_for_budget(groups, zeros, width=width,
                                                               flops=flops).items()}
     rng = np.random.default_rng(seed)

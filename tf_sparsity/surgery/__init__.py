@@ -21,14 +21,14 @@ from tf_sparsity.surgery.graph import (
     wrappers,
 )
 from tf_sparsity.surgery.group_surgery import (
-    ALLOCATIONS, dead_units, group_macs, keep_for_budget, prune_dead_units, prune_groups, uniform_keep)
+    ALLOCATIONS, check_budget, dead_units, group_macs, keep_for_budget, prune_dead_units, prune_groups, uniform_keep)
 from tf_sparsity.surgery.groups import ChannelGroup, ChannelGroups, channel_groups
 from tf_sparsity.surgery.constant_units import fold_constant_units
 from tf_sparsity.surgery.coupling import ChannelCoupling, ChannelGroupModel, couple_channels
 from tf_sparsity.surgery.strip import strip
 
 __all__ = [
-    "ALLOCATIONS", "CHANNEL_PRUNABLE", "ChannelChain", "ChannelCoupling", "ChannelGroup", "ChannelGroupModel",
+    "ALLOCATIONS", "CHANNEL_PRUNABLE", "check_budget", "ChannelChain", "ChannelCoupling", "ChannelGroup", "ChannelGroupModel",
     "ChannelGroups", "channel_chains", "couple_channels", "dead_units", "fold_constant_units", "prune_dead_units",
     "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
     "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",

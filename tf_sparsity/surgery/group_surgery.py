@@ -16,7 +16,7 @@ from tf_sparsity.summarize import summary
 from tf_sparsity.surgery.graph import map_layers
 from tf_sparsity.surgery.groups import channel_groups
 
-__all__ = ["ALLOCATIONS", "dead_units", "group_macs", "keep_for_budget", "prune_dead_units", "prune_groups",
+__all__ = ["ALLOCATIONS", "check_budget", "dead_units", "group_macs", "keep_for_budget", "prune_dead_units", "prune_groups",
            "uniform_keep"]
 
 
@@ -200,22 +200,13 @@ def keep_for_budget(groups, scores, width=None, flops=None, allocation="uniform"
     if allocation not in ALLOCATIONS:
         raise ValueError(f"`allocation` must be one of {list(ALLOCATIONS)}; received {allocation!r}.")
     prunable = groups.prunable()
-    if not prunable:
-        raise ValueError("`model` has no channel group that can lose channels; frozen: "
-                         f"{groups.frozen or {n: g.frozen for n, g in groups.groups.items()}}.")
+    check_budget(groups, flops)
     missing = sorted(set(prunable) - set(scores))
     if missing:
         raise ValueError(f"`scores` lacks the prunable groups {missing}.")
     if width is not None:
         return uniform_keep(groups, width, scores)
     dense = group_macs(groups, {})
-    smallest = group_macs(groups, uniform_keep(groups, 0.0)) / dense
-    if flops < smallest:
-        frozen = {n: g.frozen for n, g in groups.groups.items() if g.frozen}
-        raise ValueError(
-            f"`flops={flops}` is below the smallest reachable MACs ({smallest:.3f} of dense, one "
-            f"channel per group); frozen groups: {frozen or 'none'}; frozen layers: "
-            f"{groups.frozen or 'none'}.")
     make = (lambda t: uniform_keep(groups, t, scores)) if allocation == "uniform" else (
         _threshold_keep(prunable, scores))
     lo, hi = 0.0, 1.0
@@ -228,6 +219,23 @@ def keep_for_budget(groups, scores, width=None, flops=None, allocation="uniform"
         else:
             lo, best = mid, keep
     return _fill(groups, best, scores, flops, dense)
+
+
+def check_budget(groups, flops=None):
+    """Raise a `ValueError` when no group can lose channels or `flops` is below what the
+    frozen channels allow (naming them and the smallest reachable MACs)."""
+    if not groups.prunable():
+        raise ValueError("`model` has no channel group that can lose channels; frozen: "
+                         f"{groups.frozen or {n: g.frozen for n, g in groups.groups.items()}}.")
+    if flops is None:
+        return
+    smallest = group_macs(groups, uniform_keep(groups, 0.0)) / group_macs(groups, {})
+    if flops < smallest:
+        frozen = {n: g.frozen for n, g in groups.groups.items() if g.frozen}
+        raise ValueError(
+            f"`flops={flops}` is below the smallest reachable MACs ({smallest:.3f} of dense, one "
+            f"channel per group); frozen groups: {frozen or 'none'}; frozen layers: "
+            f"{groups.frozen or 'none'}.")
 
 
 def _threshold_keep(prunable, scores):
