@@ -18,7 +18,7 @@ __all__ = [
     "Functional", "graph_nodes", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
     "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_calls", "graph_nodes",
-    "is_graph_model", "run_graph",
+    "is_graph_model", "run_graph", "sublayers",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -161,6 +161,13 @@ def run_graph(graph, inputs, wrap):
         graph = graph._functional
     out = graph._run_through_graph(list(inputs), operation_fn=wrap)
     return out if isinstance(out, (list, tuple)) else [out]
+
+
+def sublayers(layer):
+    """Every layer tracked inside `layer`, at any depth, in Keras' tracking
+    order (`Layer._flatten_layers`; Keras 3.12-3.15). How `prunable` finds the
+    kernels of attention layers, custom layers and subclassed models."""
+    return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
 def is_graph_model(layer):

@@ -3,6 +3,8 @@
 A leaf module (wrappers and surgery both need it, so it imports neither).
 """
 
+import numpy as np
+
 from tf_sparsity import _compat
 
 
@@ -22,5 +24,20 @@ def clone_layer(layer):
     build_config = layer.get_build_config()
     if build_config:
         copy.build_from_config(build_config)
+        if not _fully_built(copy):
+            _call_once(copy, build_config.get("input_shape"))
         copy.set_weights(layer.get_weights())
     return copy
+
+
+def _fully_built(layer):
+    return layer.built and all(l.built for l in _compat.sublayers(layer))
+
+
+def _call_once(layer, shape):
+    # Subclassed models (and custom layers without `build`) create their
+    # sublayers' weights only when called.
+    if not (isinstance(shape, (list, tuple)) and all(d is None or isinstance(d, int) for d in shape)):
+        raise ValueError(f"Layer '{layer.name}' ({type(layer).__name__}) cannot be rebuilt from its "
+                         f"build config (input shape {shape!r}); give it a `build` method.")
+    layer(np.zeros([1 if d is None else d for d in shape], "float32"))

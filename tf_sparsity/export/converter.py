@@ -39,7 +39,33 @@ def has_sparse_kernels(model):
 
 
 def run_converter(model, specs, quantize, calibration, sparse, per_channel=True):
-    """TFLite converter on `model` (Keras) -> .tflite bytes; `per_channel=False`: per-tensor int8 dense weights."""
+    """TFLite converter on `model` (Keras) -> .tflite bytes; `per_channel=False`: per-tensor int8 dense weights.
+
+    TF 2.21's converter fails on some graphs only when the batch size is
+    static (measured: Dense on rank-3 inputs before a constant multiply, as
+    in attention and transformer FFNs -- "'tfl.mul' op result type ... not
+    broadcast compatible"; slicing channels of a Conv1D output -- "'tf.Transpose'
+    op x should be of the same rank"). Such a failure is retried once with an
+    unknown batch dimension: the file then holds batch 1 with a -1 shape
+    signature, which every runtime here runs. If that fails too, the first
+    error is raised.
+    """
+    try:
+        return _run_converter(model, specs, quantize, calibration, sparse, per_channel)
+    except UnsupportedOpError:
+        raise
+    except ExportError as error:
+        if all(list(s["shape"])[:1] == [None] for s in specs):
+            raise
+        first = error
+    try:
+        specs = [{**s, "shape": [None, *list(s["shape"])[1:]]} for s in specs]
+        return _run_converter(model, specs, quantize, calibration, sparse, per_channel)
+    except ExportError:
+        raise first from None
+
+
+def _run_converter(model, specs, quantize, calibration, sparse, per_channel):
     import tensorflow as tf
 
     signature = [tf.TensorSpec(s["shape"], tf.as_dtype(s["dtype"]), name=f"input_{i}") for i, s in enumerate(specs)]

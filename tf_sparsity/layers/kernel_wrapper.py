@@ -75,6 +75,10 @@ class KernelWrapper(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
 
+    def compute_output_spec(self, *args, **kwargs):
+        # Owners such as subclassed models define no `compute_output_shape`.
+        return self.layer.compute_output_spec(*args, **kwargs)
+
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
 

@@ -11,37 +11,43 @@ from tf_sparsity import _compat, prunable
 from tf_sparsity.layer_copy import clone_layer, fresh_layer
 from tf_sparsity.layers.kernel_wrapper import KernelWrapper
 
-__all__ = ["check_model", "clone_layer", "fresh_layer", "map_layers", "resolve_skip",
+__all__ = ["as_graph_model", "check_model", "clone_layer", "fresh_layer", "map_layers", "resolve_skip",
            "transfer_weights", "wrap_prunable", "wrappers"]
 
 
 def check_model(model, argument="model"):
-    """Raise a clear error unless `model` is a built Sequential/functional model."""
+    """Raise a clear error unless `model` is a built Keras 3 model."""
     if not isinstance(model, keras.Model):
         raise TypeError(
             f"`{argument}` must be a Keras 3 `keras.Model`; received "
             f"{type(model).__module__}.{type(model).__name__}. (tf.keras 2 / "
             "tf_keras models are not supported.)"
         )
-    if not isinstance(model, _compat.REBUILDABLE_MODELS):
-        raise TypeError(
-            f"`{argument}` is a subclassed model ({type(model).__name__}), whose "
-            "layer graph cannot be rebuilt. Wrap its layers yourself, e.g. "
-            "`self.dense = tfs.layers.SoftThreshold(keras.layers.Dense(64))`."
-        )
     if not model.built:
         raise ValueError(
             f"`{argument}` must be built: give it an `Input` or call it once on data."
         )
-    for layer in prunable.iter_layers(model):
-        if isinstance(layer, keras.Model) and not isinstance(
-            layer, _compat.REBUILDABLE_MODELS
-        ):
-            raise TypeError(
-                f"`{argument}` contains a subclassed model '{layer.name}' "
-                f"({type(layer).__name__}), which cannot be rebuilt; wrap its "
-                "layers with tfs.layers wrappers instead."
-            )
+
+
+def as_graph_model(model, argument="model"):
+    """`model` if it is functional or Sequential; a subclassed model as the
+    functional model `Input -> model`, so every transform can rebuild it.
+
+    The subclassed model becomes one owner layer (see `tfs.prunable`): its
+    kernels, wherever its `call` reads them, are reached through that layer.
+    """
+    check_model(model, argument)
+    if isinstance(model, _compat.REBUILDABLE_MODELS):
+        return model
+    shape = (model.get_build_config() or {}).get("input_shape")
+    if not (isinstance(shape, (list, tuple)) and shape and all(d is None or isinstance(d, int) for d in shape)):
+        raise ValueError(
+            f"`{argument}` is a subclassed model ({type(model).__name__}) built on "
+            f"{shape!r}: tf_sparsity rebuilds subclassed models with one array input. "
+            "Wrap its layers with tfs.layers wrappers in the class instead."
+        )
+    inputs = keras.Input(batch_shape=tuple(shape), name=f"{model.name}_input")
+    return keras.Model(inputs, model(inputs), name=model.name)
 
 
 def transfer_weights(source, target):
@@ -67,10 +73,12 @@ def map_layers(model, replace, transfer=transfer_weights):
     `transfer_weights`) once the new model is built. The input model is
     never modified.
     """
-    check_model(model)
+    model = as_graph_model(model)
     pairs = []
 
     def clone_function(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            return layer  # an operation node (`+`, `keras.ops.*`): stateless, reused
         new = replace(layer)
         if new is None:
             new = fresh_layer(layer)
@@ -119,14 +127,16 @@ def wrap_prunable(model, make_wrapper, skip=None):
     The shared path for every wrapper-based method; raises if nothing is
     prunable after `skip`.
     """
-    check_model(model)
+    model = as_graph_model(model)
     skipped = resolve_skip(model, skip)
     wrapped = []
 
     def replace(layer):
         if prunable.is_prunable(layer) and not skipped(layer):
             wrapped.append(layer.name)
-            return make_wrapper(fresh_layer(layer))
+            # An owner creates its sublayers in `build`: the copy is built so the
+            # wrapper sees its kernels (the weights are copied again afterwards).
+            return make_wrapper(clone_layer(layer) if prunable.owned_leaves(layer) else fresh_layer(layer))
         return None
 
     candidates = [l for l in prunable.iter_layers(model) if prunable.is_prunable(l) and not skipped(l)]
