@@ -180,3 +180,144 @@ def mnist1d_mobilenet(widths=(16, 24, 32), expansion=4, num_classes=10, seq_len=
     x = layers.GlobalAveragePooling1D(name="gap")(x)
     outputs = layers.Dense(num_classes, kernel_regularizer=reg, name="logits")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+# --------------------------------------------------------------------------
+# The MLPerf Tiny reference networks (mlcommons/tiny, benchmark/training),
+# rebuilt layer for layer. Their depthwise convolutions are passed
+# `kernel_regularizer`/`kernel_initializer` there, which tf.keras 2 ignores
+# for the depthwise kernel (it reads `depthwise_*`): they have no L2 and
+# start Glorot uniform, as here. The reference `l2(1e-4)` is Keras L2(1e-4),
+# i.e. `weight_decay=2e-4` in this module's coupled convention (`_l2`).
+
+
+def _mlperf_pool(x, name):
+    # The references pool the last feature map whole (KWS 25x5, VWW 3x3, IC 8x8).
+    return keras.layers.AveragePooling2D(pool_size=tuple(x.shape[1:3]), name=name)(x)
+
+
+def mlperf_tiny_dscnn(num_classes=12, input_shape=(49, 10, 1), weight_decay=2e-4, name="mlperf_tiny_dscnn"):
+    """MLPerf Tiny keyword spotting: the DS-CNN of `keyword_spotting/keras_model.py`.
+
+    conv 64 (10x4, stride 2)-BN-ReLU-dropout 0.2, four depthwise-separable
+    blocks (depthwise 3x3-BN-ReLU, conv 64 1x1-BN-ReLU), dropout 0.4,
+    average pooling over the whole 25x5 map, softmax over `num_classes`
+    (input: 49 frames x 10 MFCCs). Convolutions keep their biases; coupled L2
+    `weight_decay` on the regular conv kernels (the reference's l2(1e-4) is
+    2e-4 here).
+
+    >>> tfs.zoo.mlperf_tiny_dscnn().count_params()
+    24908
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+    inputs = keras.Input(input_shape, name="mfcc")
+    x = layers.Conv2D(64, (10, 4), strides=2, padding="same", kernel_regularizer=reg, name="conv1")(inputs)
+    x = layers.ReLU(name="relu1")(layers.BatchNormalization(name="bn1")(x))
+    x = layers.Dropout(0.2, name="dropout1")(x)
+    for i in range(1, 5):
+        x = layers.DepthwiseConv2D(3, padding="same", name=f"b{i}_dw")(x)
+        x = layers.ReLU(name=f"b{i}_dw_relu")(layers.BatchNormalization(name=f"b{i}_dw_bn")(x))
+        x = layers.Conv2D(64, 1, padding="same", kernel_regularizer=reg, name=f"b{i}_pw")(x)
+        x = layers.ReLU(name=f"b{i}_pw_relu")(layers.BatchNormalization(name=f"b{i}_pw_bn")(x))
+    x = layers.Dropout(0.4, name="dropout2")(x)
+    x = layers.Flatten(name="flatten")(_mlperf_pool(x, "pool"))
+    outputs = layers.Dense(num_classes, activation="softmax", name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# MobileNetV1's depthwise-separable blocks at alpha=1: (pointwise filters, stride).
+MOBILENET_V1_BLOCKS = ((64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+                       (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1))
+
+
+def mlperf_tiny_mobilenet(num_classes=2, input_shape=(96, 96, 3), alpha=0.25, weight_decay=2e-4,
+                          name="mlperf_tiny_mobilenet"):
+    """MLPerf Tiny visual wake words: MobileNetV1 of `visual_wake_words/vww_model.py`.
+
+    conv 32*alpha (3x3, stride 2)-BN-ReLU, 13 depthwise-separable blocks
+    (depthwise 3x3-BN-ReLU, conv 1x1-BN-ReLU; `MOBILENET_V1_BLOCKS` scaled by
+    `alpha`: 16 ... 256 filters at the reference's 0.25), average pooling
+    over the whole last map (3x3 at 96x96), softmax. Plain ReLU (not ReLU6),
+    conv biases kept; regular conv kernels He normal with coupled L2
+    `weight_decay` (the reference's l2(1e-4) is 2e-4 here).
+
+    >>> m = tfs.zoo.mlperf_tiny_mobilenet()
+    >>> m.count_params(), m.get_layer("b13_pw").filters
+    (221794, 256)
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+    common = dict(padding="same", kernel_initializer="he_normal", kernel_regularizer=reg)
+    inputs = keras.Input(input_shape, name="image")
+    x = layers.Conv2D(int(32 * alpha), 3, strides=2, name="conv1", **common)(inputs)
+    x = layers.ReLU(name="relu1")(layers.BatchNormalization(name="bn1")(x))
+    for i, (filters, stride) in enumerate(MOBILENET_V1_BLOCKS, start=1):
+        x = layers.DepthwiseConv2D(3, strides=stride, padding="same", name=f"b{i}_dw")(x)
+        x = layers.ReLU(name=f"b{i}_dw_relu")(layers.BatchNormalization(name=f"b{i}_dw_bn")(x))
+        x = layers.Conv2D(int(filters * alpha), 1, name=f"b{i}_pw", **common)(x)
+        x = layers.ReLU(name=f"b{i}_pw_relu")(layers.BatchNormalization(name=f"b{i}_pw_bn")(x))
+    x = layers.Flatten(name="flatten")(_mlperf_pool(x, "pool"))
+    outputs = layers.Dense(num_classes, activation="softmax", name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def mlperf_tiny_resnet8(num_classes=10, input_shape=(32, 32, 3), weight_decay=2e-4, name="mlperf_tiny_resnet8"):
+    """MLPerf Tiny image classification: ResNet-8 of `image_classification/keras_model.py`.
+
+    conv 16-BN-ReLU, three stages of one basic block (16, 32, 64 filters):
+    conv 3x3-BN-ReLU-conv 3x3-BN added to the identity (stage 1) or to a
+    1x1 stride-2 projection without BN (stages 2, 3, which open with
+    stride 2), then ReLU; average pooling over the whole 8x8 map, softmax.
+    Convs keep their biases, start He normal and carry coupled L2
+    `weight_decay` (the reference's l2(1e-4) is 2e-4 here); the classifier is
+    He normal without L2.
+
+    >>> m = tfs.zoo.mlperf_tiny_resnet8()
+    >>> m.count_params(), m.output_shape
+    (78666, (None, 10))
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+
+    def conv(x, filters, size, stride, label):
+        return layers.Conv2D(filters, size, strides=stride, padding="same", kernel_initializer="he_normal",
+                             kernel_regularizer=reg, name=label)(x)
+
+    inputs = keras.Input(input_shape, name="image")
+    x = conv(inputs, 16, 3, 1, "stem_conv")
+    x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+    for s, filters in enumerate((16, 32, 64), start=1):
+        stride = 1 if s == 1 else 2
+        h = layers.BatchNormalization(name=f"s{s}_bn1")(conv(x, filters, 3, stride, f"s{s}_conv1"))
+        h = layers.ReLU(name=f"s{s}_relu1")(h)
+        h = layers.BatchNormalization(name=f"s{s}_bn2")(conv(h, filters, 3, 1, f"s{s}_conv2"))
+        shortcut = x if stride == 1 else conv(x, filters, 1, stride, f"s{s}_proj")
+        x = layers.ReLU(name=f"s{s}_out")(layers.Add(name=f"s{s}_add")([shortcut, h]))
+    x = layers.Flatten(name="flatten")(_mlperf_pool(x, "pool"))
+    outputs = layers.Dense(num_classes, activation="softmax", kernel_initializer="he_normal", name="fc")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def mlperf_tiny_autoencoder(input_dim=640, hidden=(128, 128, 128, 128, 8, 128, 128, 128, 128), weight_decay=0.0,
+                            name="mlperf_tiny_autoencoder"):
+    """MLPerf Tiny anomaly detection: the FC autoencoder of `anomaly_detection/keras_model.py`.
+
+    Dense-BN-ReLU for each of `hidden` (128 x4, the 8-unit bottleneck,
+    128 x4), then a linear Dense back to `input_dim` (5 frames x 128 log-mel
+    bins). The reference has no weight decay; `weight_decay` puts coupled L2
+    on the kernels.
+
+    >>> m = tfs.zoo.mlperf_tiny_autoencoder()
+    >>> m.count_params(), m.output_shape
+    (269992, (None, 640))
+    """
+    layers = keras.layers
+    reg = _l2(weight_decay)
+    inputs = keras.Input((input_dim,), name="features")
+    x = inputs
+    for i, units in enumerate(hidden, start=1):
+        x = layers.Dense(units, kernel_regularizer=reg, name=f"fc{i}")(x)
+        x = layers.ReLU(name=f"relu{i}")(layers.BatchNormalization(name=f"bn{i}")(x))
+    outputs = layers.Dense(input_dim, kernel_regularizer=reg, name="reconstruction")(x)
+    return keras.Model(inputs, outputs, name=name)

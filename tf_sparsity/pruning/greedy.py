@@ -244,7 +244,7 @@ def greedy_prune(model, data, objective="auto", width=None, flops=None, toleranc
     if allocation != "uniform" and (objective != "reconstruction" or flops is None):
         raise ValueError("`allocation='global'` needs `objective='reconstruction'` and a `flops` budget; "
                          f"received objective={objective!r}, flops={flops!r}.")
-    surgery.check_model(model)
+    model = surgery.as_graph_model(model)
     x = _inputs_of(data, model)
     if objective == "loss":
         y = data[1] if isinstance(data, (tuple, list)) and len(data) == 2 else None

@@ -13,6 +13,7 @@ from tf_sparsity.surgery.channels import (
     remove_zero_channels,
 )
 from tf_sparsity.surgery.graph import (
+    as_graph_model,
     check_model,
     map_layers,
     resolve_skip,
@@ -30,7 +31,7 @@ from tf_sparsity.surgery.strip import strip
 __all__ = [
     "ALLOCATIONS", "CHANNEL_PRUNABLE", "check_budget", "ChannelChain", "ChannelCoupling", "ChannelGroup", "ChannelGroupModel",
     "ChannelGroups", "channel_chains", "couple_channels", "dead_units", "fold_constant_units", "prune_dead_units",
-    "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "check_model",
+    "channel_groups", "group_macs", "keep_for_budget", "prune_groups", "uniform_keep", "channel_contributions", "as_graph_model", "check_model",
     "clone_layer", "fresh_layer", "map_layers", "prune_channels", "remove_zero_channels",
     "resolve_skip", "strip", "transfer_weights", "wrap_prunable", "wrappers",
 ]

@@ -9,7 +9,7 @@ import numpy as np
 from keras import ops
 
 from tf_sparsity import _compat
-from tf_sparsity.surgery.graph import check_model, map_layers
+from tf_sparsity.surgery.graph import as_graph_model, map_layers
 from tf_sparsity.surgery.groups import PASS_THROUGH
 
 __all__ = ["CHANNEL_PRUNABLE", "ChannelChain", "channel_chains", "channel_contributions",
@@ -56,7 +56,7 @@ def channel_chains(model):
     Channels are never removed where the outputs meet other tensors (Add,
     Concatenate, Multiply): those layers are left alone, never broken.
     """
-    check_model(model)
+    model = as_graph_model(model)
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     members = {id(l) for l in layers}
     chains, left_alone = {}, {}

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from tf_sparsity import _compat
-from tf_sparsity.surgery.graph import check_model, wrappers
+from tf_sparsity.surgery.graph import as_graph_model, wrappers
 from tf_sparsity.surgery.group_surgery import prune_groups
 from tf_sparsity.surgery.groups import channel_groups
 
@@ -71,7 +71,7 @@ def fold_constant_units(model, x, tolerance=1e-6, whole_tensors=False, batch_siz
     >>> bool(np.allclose(small.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-5))
     True
     """
-    check_model(model)
+    model = as_graph_model(model)
     if wrappers(model):
         raise ValueError("`model` holds tf_sparsity wrappers; fold the stripped model (`tfs.strip(model)`), "
                          "whose kernels are the effective ones.")

@@ -126,7 +126,7 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
             changed = True
         if kind == "producer" and layer.name in bias_shift and not config.get("use_bias", True):
             config["use_bias"] = changed = True
-        if kind == "reshape" and not out.all():
+        if kind == "reshape" and "target_shape" in config and not out.all():  # Flatten infers its shape
             config["target_shape"] = tuple(config["target_shape"][:-1]) + (int(out.sum()),)
             changed = True
         if kind == "flatten" and "target_shape" in config and not out.all():

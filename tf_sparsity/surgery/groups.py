@@ -33,7 +33,7 @@ import numpy as np
 
 from tf_sparsity import _compat
 from tf_sparsity.layers.kernel_wrapper import KernelWrapper
-from tf_sparsity.surgery.graph import check_model
+from tf_sparsity.surgery.graph import as_graph_model
 
 __all__ = ["ChannelGroup", "ChannelGroups", "channel_groups"]
 
@@ -231,7 +231,7 @@ class _Analysis:
             if isinstance(op, keras.layers.InputLayer):
                 continue
             in_atoms = [self.of(t) for t in inputs]
-            if isinstance(op, keras.Model):
+            if _compat.is_graph_model(op):
                 if counts[id(op)] > 1 or len(inputs) != len(op.inputs):
                     self.unknown(op, inputs, outputs, "nested model called more than once")
                     continue
@@ -284,7 +284,13 @@ class _Analysis:
                 "per_channel" if isinstance(op, _PER_CHANNEL) else "pass")
             self.layers[id(op)] = (op, kind, x, x)
             return None
-        if isinstance(op, _MERGES) and out is not None:
+        if _compat.is_elementwise_operation(op) and len(inputs) == 1 and out is not None:
+            if out.shape[-1] != inputs[0].shape[-1]:
+                return "changes the channel count"
+            self.atoms[id(out)] = x  # `keras.ops.tanh(h)`, `h * 0.5`: channel by channel
+            self.layers[id(op)] = (op, "pass", x, x)
+            return None
+        if (isinstance(op, _MERGES) or _compat.is_elementwise_operation(op)) and out is not None:
             width = out.shape[-1]
             full = [a for a, t in zip(in_atoms, inputs) if t.shape[-1] == width]
             if len(full) != len(in_atoms) and any(t.shape[-1] != 1 for t in inputs if t.shape[-1] != width):
@@ -348,7 +354,7 @@ def channel_groups(model):
     >>> groups.prunable()
     {'a': ChannelGroup('a', size=16, layers=[a, b])}
     """
-    check_model(model)
+    model = as_graph_model(model)
     analysis = _Analysis()
     for tensor in model.inputs:
         analysis.freeze(analysis.of(tensor), "model input")
