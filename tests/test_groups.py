@@ -109,7 +109,7 @@ def test_bad_input_is_named():
         def call(self, x):
             return x
 
-    with pytest.raises(TypeError, match="subclassed"):
+    with pytest.raises(ValueError, match="must be built"):
         surgery.channel_groups(Sub())
 
 

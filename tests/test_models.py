@@ -78,8 +78,25 @@ def test_bad_input(model, kwargs, error, pattern):
         tfs.soft_threshold(model(), **kwargs)
 
 
-def test_subclassed_model_gets_a_hint():
+def test_subclassed_model_is_wrapped_whole():
     class Net(keras.Model):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.d = L.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    net = Net()
+    x = np.ones((1, 3), "float32")
+    net(x)
+    sparse = tfs.soft_threshold(net, s_init=-50.0)
+    assert [type(l).__name__ for l in sparse.layers] == ["InputLayer", "SoftThreshold"]
+    np.testing.assert_allclose(sparse(x), net(x), atol=1e-6)
+    with pytest.raises(ValueError, match="must be built"):
+        tfs.soft_threshold(Net())
+
+    class NoConfig(keras.Model):
         def __init__(self):
             super().__init__()
             self.d = L.Dense(2)
@@ -87,10 +104,10 @@ def test_subclassed_model_gets_a_hint():
         def call(self, x):
             return self.d(x)
 
-    net = Net()
-    net(np.zeros((1, 3), "float32"))
-    with pytest.raises(TypeError, match="subclassed.*tfs.layers.SoftThreshold"):
-        tfs.soft_threshold(net)
+    bare = NoConfig()
+    bare(x)
+    with pytest.raises(TypeError, match="cannot be re-created from its config"):
+        tfs.soft_threshold(bare)
 
 
 def test_summary_counts_params_nonzeros_and_flops_exactly():

@@ -14,8 +14,15 @@ def fresh_layer(layer):
     The layer lives in this process already, so its config is trusted even
     when it holds a Python lambda (Keras' safe mode guards loaded files).
     """
-    with _compat.unsafe_deserialization():
-        return layer.__class__.from_config(layer.get_config())
+    try:
+        with _compat.unsafe_deserialization():
+            return layer.__class__.from_config(layer.get_config())
+    except (TypeError, ValueError, NotImplementedError) as error:
+        raise TypeError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) cannot be re-created from its config "
+            f"({error}). tf_sparsity copies a layer before wrapping or rebuilding it, as `.keras` "
+            "saving does: give the class a `get_config` whose keys its `__init__` accepts "
+            "(e.g. `**kwargs` passed to `super().__init__`).") from None
 
 
 def clone_layer(layer):

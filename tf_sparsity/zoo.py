@@ -321,3 +321,32 @@ def mlperf_tiny_autoencoder(input_dim=640, hidden=(128, 128, 128, 128, 8, 128, 1
         x = layers.ReLU(name=f"relu{i}")(layers.BatchNormalization(name=f"bn{i}")(x))
     outputs = layers.Dense(input_dim, kernel_regularizer=reg, name="reconstruction")(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+def mnist1d_vit(dim=32, heads=2, blocks=2, patch=4, mlp_ratio=2, num_classes=10, seq_len=40, name="mnist1d_vit"):
+    """A small ViT-style classifier for MNIST-1D, written as Keras 3 code is today.
+
+    Patches by a strided Conv1D, a learned position embedding added with `+`,
+    `blocks` pre-norm transformer blocks (`MultiHeadAttention`, LayerNorm,
+    a GELU FFN through `keras.activations.gelu`, residual `+`), mean pooling
+    and a Dense head (logits). Attention projections live inside the
+    `MultiHeadAttention` layers; every method reaches them (`tfs.prunable`).
+
+    >>> m = mnist1d_vit()
+    >>> m.output_shape, m.count_params()
+    ((None, 10), 17962)
+    """
+    inputs = keras.Input((seq_len, 1))
+    x = keras.layers.Conv1D(dim, patch, strides=patch, name="patches")(inputs)
+    # Position indices from the symbolic tensor itself (a constant would be
+    # folded at construction and the embedding never trained).
+    index = keras.ops.cast(keras.ops.cumsum(keras.ops.ones_like(x[..., 0]), axis=1) - 1, "int32")
+    x = x + keras.layers.Embedding(seq_len // patch, dim, name="positions")(index)
+    for b in range(blocks):
+        h = keras.layers.LayerNormalization(name=f"block{b}_ln1")(x)
+        x = x + keras.layers.MultiHeadAttention(heads, dim // heads, name=f"block{b}_attention")(h, h)
+        h = keras.layers.LayerNormalization(name=f"block{b}_ln2")(x)
+        h = keras.activations.gelu(keras.layers.Dense(dim * mlp_ratio, name=f"block{b}_ffn1")(h))
+        x = x + keras.layers.Dense(dim, name=f"block{b}_ffn2")(h)
+    x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(name="final_ln")(x))
+    return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x), name=name)

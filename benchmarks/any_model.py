@@ -1,0 +1,155 @@
+"""Any Keras 3 model: a ViT-style classifier, and the MLPerf Tiny reference networks.
+
+    python benchmarks/any_model.py --vit --seeds 3 --epochs 30
+    python benchmarks/any_model.py --mlperf
+
+`--vit`: `tfs.zoo.mnist1d_vit` (patch Conv1D, position Embedding, 2 blocks of
+MultiHeadAttention + GELU FFN with residual `+`) on MNIST-1D. Every row
+trains with Adam (1e-3, cosine, batch 128) for the same epochs, no tuning;
+the test split is evaluated once at the end. Rows: dense; STR's soft
+threshold with one shared level steered to 90 / 95 % (`learn_threshold=False`
++ `TargetSparsity`, our variant); GSM at compression 10 (Adam's step is
+replaced by GSM's momentum step: `tfs.recipes.gsm_optimizer`); SynFlow at
+compression 10 then trained. Reported: test accuracy (mean +- std over
+seeds), overall sparsity, sparsity of the attention projections (the four
+EinsumDense kernels inside each MultiHeadAttention), LiteRT float invoke time
+as a ratio to dense (medians, interleaved in the same run) and the full-int8
+LiteRT file size.
+
+`--mlperf`: the four MLPerf Tiny networks (`tfs.zoo.mlperf_tiny_*`), random
+initialization, BatchNorm statistics from generated inputs of their shapes
+(their datasets cannot be downloaded). Rows: dense, L1-norm channel pruning
+and greedy selection (reconstruction objective, our variant) at 0.5 MACs.
+Each is exported full int8 for TFLM; file bytes, arena bytes and invoke time
+(tflite-micro host interpreter, medians, interleaved) as ratios to dense.
+"""
+
+from common import parser, write_results, RESULTS  # noqa: E402,F401  (first: quiet TensorFlow)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tf_sparsity as tfs  # noqa: E402
+import tf_sparsity.export  # noqa: E402,F401
+from tf_sparsity.experiments import train_classifier  # noqa: E402
+from export_targets import litert_invoker, time_interleaved, tflm_invoker  # noqa: E402
+
+
+def attention_sparsity(model):
+    kernels = [k for l in tfs.prunable.iter_layers(model) if isinstance(l, keras.layers.MultiHeadAttention)
+               for k in tfs.prunable.prunable_kernels(l)]
+    zeros = sum(int(np.sum(keras.ops.convert_to_numpy(k) == 0)) for k in kernels)
+    return zeros / max(1, sum(int(np.prod(k.shape)) for k in kernels))
+
+
+def adam(epochs, steps):
+    return keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(1e-3, epochs * steps))
+
+
+def vit_rows(a):
+    train, test = tfs.datasets.mnist1d()
+    steps = int(np.ceil(len(train[0]) / 128))
+    rows = []
+    for seed in range(a.seeds):
+        models = {}
+        for method in ("dense", "str90", "str95", "gsm10", "synflow10"):
+            keras.utils.set_random_seed(seed)
+            base = tfs.zoo.mnist1d_vit()
+            callbacks, optimizer, model = [], adam(a.epochs, steps), base
+            if method.startswith("str"):
+                model = tfs.soft_threshold(base, learn_threshold=False, shrink=False)
+                callbacks = [tfs.callbacks.TargetSparsity(int(method[3:]) / 100)]
+            elif method == "gsm10":
+                optimizer = tfs.recipes.gsm_optimizer(a.epochs * steps, compression=10)
+            elif method == "synflow10":
+                model = tfs.prune_at_init(base, "synflow", compression=10, verbose=0)
+            result = train_classifier(model, train, test, epochs=a.epochs, callbacks=callbacks, optimizer=optimizer)
+            if method == "gsm10":
+                tfs.optimizers.final_prune(model)
+                result["accuracy"] = float(model.evaluate(*test, verbose=0, batch_size=512)[1])
+            plain = tfs.strip(model)
+            models[method] = plain
+            int8 = tfs.export.convert(plain, target="litert", quantize="int8", representative_data=train[0][:200])
+            rows.append({"seed": seed, "method": method, "accuracy": result["accuracy"],
+                         "sparsity": tfs.sparsity(plain), "attention_sparsity": attention_sparsity(plain),
+                         "int8_bytes": len(int8.tflite)})
+            print(rows[-1], flush=True)
+        floats = {m: tfs.export.convert(p, target="litert", representative_data=train[0][:16]).tflite
+                  for m, p in models.items()}
+        times = time_interleaved({m: litert_invoker(t) for m, t in floats.items()}, runs=200, rounds=5)
+        for row in rows[-len(models):]:
+            row["litert_float_time_ratio"] = times[row["method"]] / times["dense"]
+    return rows
+
+
+def mlperf_rows(a):
+    rows = []
+    rng = np.random.default_rng(0)
+    for name in ("mlperf_tiny_dscnn", "mlperf_tiny_mobilenet", "mlperf_tiny_resnet8", "mlperf_tiny_autoencoder"):
+        keras.utils.set_random_seed(0)
+        dense = getattr(tfs.zoo, name)()
+        x = rng.standard_normal((64, *dense.input_shape[1:])).astype("float32")
+        tfs.recalibrate_batchnorm(dense, x, batch_size=len(x))
+        variants = {"dense": dense,
+                    "l1_0.5": tfs.pruning.l1_norm_prune(dense, flops=0.5),
+                    "greedy_reconstruction_0.5": tfs.greedy_prune(dense, x, objective="reconstruction", flops=0.5,
+                                                                  verbose=0)}
+        quant = {"weight_quantization": "per_tensor"} if name.endswith("autoencoder") else {}
+        files, reports = {}, {}
+        for key, model in variants.items():
+            result = tfs.export.convert(model, target="tflm", quantize="int8", representative_data=x, **quant)
+            files[key], reports[key] = result.tflite, result.report
+        times = time_interleaved({k: tflm_invoker(t) for k, t in files.items()}, runs=20, rounds=5, warmup=3)
+        dense_macs = tfs.summary(dense, print_fn=None).flops
+        for key, model in variants.items():
+            rows.append({"network": name, "method": key,
+                         "macs_ratio": tfs.summary(model, print_fn=None).flops / dense_macs,
+                         "bytes": len(files[key]), "arena": reports[key].tflm.get("arena_bytes"),
+                         "invoke_ms": times[key] * 1e3,
+                         "speedup": times["dense"] / times[key], "smaller": len(files["dense"]) / len(files[key])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def vit_table(rows):
+    lines = ["| method | accuracy % (mean ± std) | sparsity | attention sparsity | LiteRT float time / dense | int8 bytes |",
+             "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == method]
+        acc = np.array([r["accuracy"] for r in rs]) * 100
+        lines.append(f"| {method} | {acc.mean():.2f} ± {acc.std():.2f} | {np.mean([r['sparsity'] for r in rs]):.3f} "
+                     f"| {np.mean([r['attention_sparsity'] for r in rs]):.3f} "
+                     f"| {np.median([r['litert_float_time_ratio'] for r in rs]):.2f} "
+                     f"| {int(np.mean([r['int8_bytes'] for r in rs])):,} |")
+    return lines
+
+
+def mlperf_table(rows):
+    lines = ["| network | method | MACs / dense | TFLM int8 bytes | arena | invoke ms | speed-up | smaller |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['network']} | {r['method']} | {r['macs_ratio']:.3f} | {r['bytes']:,} | {r['arena']:,} "
+              f"| {r['invoke_ms']:.2f} | {r['speedup']:.2f}x | {r['smaller']:.2f}x |" for r in rows]
+    return lines
+
+
+def main():
+    p = parser(__doc__)
+    p.add_argument("--vit", action="store_true")
+    p.add_argument("--mlperf", action="store_true")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=30)
+    a = p.parse_args()
+    if a.mlperf:
+        rows = mlperf_rows(a)
+        lines = mlperf_table(rows)
+        print("\n".join(lines))
+        write_results(RESULTS / "any_model_mlperf.json", {"args": vars(a), "rows": rows, "table": lines})
+    if a.vit:
+        rows = vit_rows(a)
+        lines = vit_table(rows)
+        print("\n".join(lines))
+        write_results(RESULTS / "any_model_vit.json", {"args": vars(a), "rows": rows, "table": lines})
+
+
+if __name__ == "__main__":
+    main()
