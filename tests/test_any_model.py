@@ -121,6 +121,7 @@ def test_str_reaches_every_kernel_and_round_trips(kind, tmp_path):
     tfs.summary(plain, print_fn=lambda *a, **k: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_export_litert_float_matches_keras(kind, tmp_path):
     plain = tfs.strip(tfs.soft_threshold(BUILDERS[kind]()))
@@ -128,6 +129,7 @@ def test_export_litert_float_matches_keras(kind, tmp_path):
     assert result.report.verification["max_abs_diff"] <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["synflow", "snip", "grasp", "magnitude", "random"])
 @pytest.mark.parametrize("kind", ["operators", "attention", "subclassed"])
 def test_prune_at_init_every_score(kind, method):
