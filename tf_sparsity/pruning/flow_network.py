@@ -72,6 +72,8 @@ _PASS_THROUGH = (
 _IDENTITY = (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.SpatialDropout3D, L.GaussianNoise,
              L.GaussianDropout, L.AlphaDropout, L.ActivityRegularization, L.Identity)
 _MERGE = (L.Add, L.Average, L.Concatenate, L.Multiply)
+# Operation nodes of two tensors that multiply (the rest add, as the merge layers).
+_PRODUCTS = ("Multiply", "Divide", "TrueDivide", "Power")
 _WEIGHTED = (L.Dense, L.EinsumDense, L.Conv1D, L.Conv2D, L.Conv3D, L.DepthwiseConv1D, L.DepthwiseConv2D,
              L.SeparableConv1D, L.SeparableConv2D, L.BatchNormalization, L.Normalization, L.Rescaling)
 _TRANSPOSED = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
@@ -89,7 +91,7 @@ def unsupported_layers(model):
     for layer in _operations(model):
         if _compat.is_graph_model(layer):
             out += unsupported_layers(layer)
-        elif isinstance(layer, L.InputLayer):
+        elif isinstance(layer, L.InputLayer) or _compat.is_elementwise_operation(layer):
             continue
         elif isinstance(layer, _TRANSPOSED) or not isinstance(
                 layer, ACTIVATION_LAYERS + _PASS_THROUGH + _IDENTITY + _MERGE + _WEIGHTED):
@@ -113,7 +115,9 @@ def linearized(model):
     """A copy of `model` under the linearization rule, as plain Keras layers.
 
     Activation layers become `keras.layers.Identity`, every `activation=` is
-    "linear"; weights are copied unchanged (take |θ| yourself). Used by
+    "linear", elementwise operation nodes of one tensor (`keras.ops.tanh(h)`,
+    `h * 0.5`) pass their tensor through; weights are copied unchanged (take
+    |θ| yourself). Used by
     SynFlow's generic path for models `SynFlowNetwork` does not support.
 
     Args:
@@ -134,7 +138,16 @@ def linearized(model):
             return layer.__class__.from_config(config)
         return None
 
-    return surgery.map_layers(model, replace)
+    def operation(op):
+        if not _compat.is_elementwise_operation(op):
+            return None
+
+        def identity_or_op(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, keras.KerasTensor)]
+            return tensors[0] if len(tensors) == 1 else op(*args, **kwargs)
+        return identity_or_op
+
+    return surgery.map_layers(model, replace, operation=operation)
 
 
 # -- exact power-of-two rescaling --------------------------------------------
@@ -253,7 +266,7 @@ class SynFlowNetwork:
             if _compat.is_graph_model(layer):
                 self._cache_values(layer)
                 continue
-            for v in layer.weights:
+            for v in getattr(layer, "weights", ()):  # operation nodes hold none
                 self._values[id(v)] = _numpy(v)
             if isinstance(layer, L.Normalization):
                 for v in (layer.mean, layer.variance):
@@ -281,8 +294,10 @@ class SynFlowNetwork:
         reach = self.mode == "reach"
         if _compat.is_graph_model(layer):
             return self._run(layer, inputs, ws, dtype)[0]
-        if isinstance(layer, _MERGE):
-            if isinstance(layer, L.Multiply):
+        if _compat.is_elementwise_operation(layer) and len(inputs) == 1:
+            return inputs[0]  # `keras.ops.tanh(h)`, `h * 0.5`: the identity, as every activation
+        if isinstance(layer, _MERGE) or _compat.is_elementwise_operation(layer):  # `h + i`, `h * g`
+            if isinstance(layer, L.Multiply) or type(layer).__name__ in _PRODUCTS:
                 if reach:  # a constant factor keeps the dependence on the other one
                     v = inputs[0][0]
                     for vi, _ in inputs[1:]:

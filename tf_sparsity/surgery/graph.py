@@ -65,11 +65,12 @@ def transfer_weights(source, target):
         target.set_weights(source.get_weights())
 
 
-def map_layers(model, replace, transfer=transfer_weights):
+def map_layers(model, replace, transfer=transfer_weights, operation=None):
     """Rebuild `model` with `replace(layer)` for each leaf layer.
 
     `replace` returns a new, unbuilt layer, or None to keep a copy of the
-    original. Weights are copied with `transfer(old, new)` (default
+    original. Operation nodes (`+`, `keras.ops.*`: stateless) are reused, or
+    replaced by the callable `operation(op)` returns when it is not None. Weights are copied with `transfer(old, new)` (default
     `transfer_weights`) once the new model is built. The input model is
     never modified.
     """
@@ -78,7 +79,7 @@ def map_layers(model, replace, transfer=transfer_weights):
 
     def clone_function(layer):
         if not isinstance(layer, keras.layers.Layer):
-            return layer  # an operation node (`+`, `keras.ops.*`): stateless, reused
+            return (operation and operation(layer)) or layer
         new = replace(layer)
         if new is None:
             new = fresh_layer(layer)
