@@ -175,3 +175,11 @@ def test_subclassed_model_with_several_inputs_is_refused_by_name():
     model([np.zeros((1, 3), "float32"), np.zeros((1, 3), "float32")])
     with pytest.raises(ValueError, match="subclassed model \\(TwoInputs\\)"):
         tfs.soft_threshold(model)
+
+
+def test_synflow_on_the_vit_keeps_index_arithmetic_exact():
+    # The position indices are `cumsum(ones_like(x)) - 1`: only activations are linearized,
+    # arithmetic on constants runs as written (else the Embedding reads index 10 of 10).
+    sparse = tfs.prune_at_init(tfs.zoo.mnist1d_vit(), "synflow", compression=10, iterations=5, verbose=0)
+    assert tfs.sparsity(sparse) == pytest.approx(0.9, abs=0.01)
+    assert np.isfinite(sparse.predict(np.zeros((2, 40, 1), "float32"), verbose=0)).all()

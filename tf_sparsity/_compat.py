@@ -18,7 +18,7 @@ __all__ = [
     "Functional", "graph_nodes", "graph_slice", "in_xla_context", "inbound_node_count", "maybe_merge_call",
     "optimizer_strategy", "outbound_operations", "stateless_scope", "unsafe_deserialization",
     "all_reduce_sum_gradients", "symbolic_build", "per_tensor_int8_dense_weights", "graph_calls", "graph_nodes",
-    "is_elementwise_operation", "is_graph_model", "run_graph", "sublayers",
+    "is_activation_operation", "is_elementwise_operation", "is_graph_model", "run_graph", "sublayers",
 ]
 
 # `keras.Model` subclasses that `map_layers` can rebuild (Keras 3.12-3.15: the
@@ -173,21 +173,34 @@ def sublayers(layer):
 # Keras operation nodes (`keras.src.ops`; what `+`, `*` and `keras.ops.*` on
 # symbolic tensors become) that act on each element alone: channel j of the
 # output reads channel j of each input only. Names checked on Keras 3.15.
-_ELEMENTWISE_OPERATIONS = frozenset((
-    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
-    "Abs", "Absolute", "Negative", "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Square", "Sign",
-    "Tanh", "Sin", "Cos", "Clip", "Cast", "Reciprocal", "Rsqrt", "Erf",
-    "Relu", "Relu6", "Sigmoid", "Silu", "Swish", "Gelu", "Elu", "Selu", "Celu",
+# The activations among them (SynFlow's linearization makes these the identity).
+_ACTIVATION_OPERATIONS = frozenset((
+    "Tanh", "Relu", "Relu6", "Sigmoid", "Silu", "Swish", "Gelu", "Elu", "Selu", "Celu",
     "LeakyRelu", "Softplus", "Softsign", "HardSigmoid", "HardSilu", "HardSwish", "LogSigmoid",
     "Mish", "HardTanh", "SoftShrink", "HardShrink", "TanhShrink",
 ))
+_ELEMENTWISE_OPERATIONS = _ACTIVATION_OPERATIONS | frozenset((
+    "Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum", "Power",
+    "Abs", "Absolute", "Negative", "Exp", "Expm1", "Log", "Log1p", "Sqrt", "Square", "Sign",
+    "Sin", "Cos", "Clip", "Cast", "Reciprocal", "Rsqrt", "Erf",
+))
+
+
+def _operation_named(op, names):
+    return (not isinstance(op, keras.layers.Layer) and type(op).__module__.startswith("keras.src.ops")
+            and type(op).__name__ in names)
 
 
 def is_elementwise_operation(op):
     """True for an elementwise Keras operation node that is not a layer
-    (`h + i`, `keras.ops.tanh(h)`). Used by the channel analysis."""
-    return (not isinstance(op, keras.layers.Layer) and type(op).__module__.startswith("keras.src.ops")
-            and type(op).__name__ in _ELEMENTWISE_OPERATIONS)
+    (`h + i`, `h * 0.5`, `keras.ops.tanh(h)`). Used by the channel analysis."""
+    return _operation_named(op, _ELEMENTWISE_OPERATIONS)
+
+
+def is_activation_operation(op):
+    """True for an activation applied as an operation node (`keras.ops.tanh(h)`,
+    `keras.activations.gelu(h)`). Used by SynFlow's linearization."""
+    return _operation_named(op, _ACTIVATION_OPERATIONS)
 
 
 def is_graph_model(layer):

@@ -88,10 +88,11 @@ def unsupported_layers(model):
     ['layer_normalization... (LayerNormalization)']
     """
     out = []
-    for layer in _operations(model):
+    for layer, tensors in _operation_calls(model):
         if _compat.is_graph_model(layer):
             out += unsupported_layers(layer)
-        elif isinstance(layer, L.InputLayer) or _compat.is_elementwise_operation(layer):
+        elif isinstance(layer, L.InputLayer) or _compat.is_activation_operation(layer) or (
+                _compat.is_elementwise_operation(layer) and tensors > 1):  # `h + i`, `h * g`
             continue
         elif isinstance(layer, _TRANSPOSED) or not isinstance(
                 layer, ACTIVATION_LAYERS + _PASS_THROUGH + _IDENTITY + _MERGE + _WEIGHTED):
@@ -105,18 +106,23 @@ def unsupported_layers(model):
 
 
 def _operations(model):
+    return [op for op, _ in _operation_calls(model)]
+
+
+def _operation_calls(model):
+    """`(operation, number of input tensors)` of every call in `model`'s graph."""
     try:
-        return [n.operation for n in _compat.graph_nodes(model)[2]]
+        return [(n.operation, len(n.input_tensors)) for n in _compat.graph_nodes(model)[2]]
     except (AttributeError, ValueError):
-        return list(model.layers)
+        return [(layer, 1) for layer in model.layers]
 
 
 def linearized(model):
     """A copy of `model` under the linearization rule, as plain Keras layers.
 
     Activation layers become `keras.layers.Identity`, every `activation=` is
-    "linear", elementwise operation nodes of one tensor (`keras.ops.tanh(h)`,
-    `h * 0.5`) pass their tensor through; weights are copied unchanged (take
+    "linear", activations applied as operation nodes (`keras.ops.tanh(h)`)
+    pass their tensor through; weights are copied unchanged (take
     |θ| yourself). Used by
     SynFlow's generic path for models `SynFlowNetwork` does not support.
 
@@ -139,13 +145,7 @@ def linearized(model):
         return None
 
     def operation(op):
-        if not _compat.is_elementwise_operation(op):
-            return None
-
-        def identity_or_op(*args, **kwargs):
-            tensors = [a for a in args if isinstance(a, keras.KerasTensor)]
-            return tensors[0] if len(tensors) == 1 else op(*args, **kwargs)
-        return identity_or_op
+        return (lambda x, *args, **kwargs: x) if _compat.is_activation_operation(op) else None
 
     return surgery.map_layers(model, replace, operation=operation)
 
@@ -294,8 +294,8 @@ class SynFlowNetwork:
         reach = self.mode == "reach"
         if _compat.is_graph_model(layer):
             return self._run(layer, inputs, ws, dtype)[0]
-        if _compat.is_elementwise_operation(layer) and len(inputs) == 1:
-            return inputs[0]  # `keras.ops.tanh(h)`, `h * 0.5`: the identity, as every activation
+        if _compat.is_activation_operation(layer):
+            return inputs[0]  # `keras.ops.tanh(h)`: the identity, as every activation
         if isinstance(layer, _MERGE) or _compat.is_elementwise_operation(layer):  # `h + i`, `h * g`
             if isinstance(layer, L.Multiply) or type(layer).__name__ in _PRODUCTS:
                 if reach:  # a constant factor keeps the dependence on the other one
