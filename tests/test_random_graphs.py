@@ -1,9 +1,9 @@
 """Random Keras functional graphs through the whole chain.
 
 A small grammar (Dense / Conv1D / DepthwiseConv1D / SeparableConv1D /
-MultiHeadAttention / BatchNormalization / LayerNormalization blocks,
-operators and `keras.ops` calls, residual merges, concatenation, a nested
-functional block) generates models from a seed. Each must go wrap -> one
+MultiHeadAttention / TimeDistributed / BatchNormalization /
+LayerNormalization blocks, operators and `keras.ops` calls, gates, channel
+slices, residual merges, concatenation, a nested functional block) generates models from a seed. Each must go wrap -> one
 train step -> strip (outputs equal the wrapped model) -> `.keras` round trip
 (identical) -> LiteRT float (<= 1e-5), or be refused with one named error.
 """
@@ -18,7 +18,7 @@ STEPS, WIDTH = 8, 8
 
 
 def _block(rng, x):
-    choice = rng.integers(9)
+    choice = rng.integers(12)
     c = x.shape[-1]
     if choice == 0:
         return keras.layers.Dense(int(rng.choice([4, 8, 12])))(x)
@@ -38,7 +38,13 @@ def _block(rng, x):
         return op(x)
     if choice == 7:  # residual
         return x + keras.layers.Dense(c)(keras.ops.relu(x))
-    return keras.layers.Concatenate()([x, keras.layers.Dense(4)(x)])
+    if choice == 8:
+        return keras.layers.Concatenate()([x, keras.layers.Dense(4)(x)])
+    if choice == 9:  # a gate between tensors
+        return x * keras.ops.sigmoid(keras.layers.Dense(c)(x))
+    if choice == 10:  # slicing channels
+        return x[..., : max(1, c // 2)]
+    return keras.layers.TimeDistributed(keras.layers.Dense(8))(x)
 
 
 def random_model(seed):
@@ -60,7 +66,7 @@ Y = np.random.default_rng(2).integers(0, 3, 32)
 
 
 def check_chain(seed, tmp_path):
-    """The chain for one generated model; returns 'ok' or raises."""
+    """The chain for one generated model; raises on the first broken link."""
     keras.utils.set_random_seed(seed)
     sparse = tfs.soft_threshold(random_model(seed), s_init=-2.0)
     sparse.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
