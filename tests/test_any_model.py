@@ -183,3 +183,38 @@ def test_synflow_on_the_vit_keeps_index_arithmetic_exact():
     sparse = tfs.prune_at_init(tfs.zoo.mnist1d_vit(), "synflow", compression=10, iterations=5, verbose=0)
     assert tfs.sparsity(sparse) == pytest.approx(0.9, abs=0.01)
     assert np.isfinite(sparse.predict(np.zeros((2, 40, 1), "float32"), verbose=0)).all()
+
+
+def test_attention_heads_are_structured_units(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = attention()
+    groups = tfs.surgery.channel_groups(model, heads=True)
+    assert groups.prunable()["mha"].size == 2
+    assert "mha" not in tfs.surgery.channel_groups(model).prunable()  # opt-in: greedy / channel-STR keep it
+    small = tfs.surgery.prune_groups(model, {"mha": [1]}, groups)
+    assert small.get_layer("mha").num_heads == 1
+    # The masked model: head 0 writes nothing (its value projection and output rows zeroed).
+    masked = keras.models.clone_model(model)
+    masked.set_weights(model.get_weights())
+    mha = masked.get_layer("mha")
+    for layer, index in ((mha.value_dense, (slice(None), 0)), (mha.output_dense, (0,))):
+        weights = layer.get_weights()
+        weights[0][index] = 0
+        if layer is mha.value_dense:
+            weights[1][0] = 0
+        layer.set_weights(weights)
+    np.testing.assert_allclose(small.predict(X, verbose=0), masked.predict(X, verbose=0), atol=1e-5)
+    macs = [{r.name: r.flops for r in tfs.summary(m, print_fn=None).layers}["mha"] for m in (model, small)]
+    assert macs[1] * 2 == macs[0]
+    small.save(tmp_path / "small.keras")
+    np.testing.assert_array_equal(keras.saving.load_model(tmp_path / "small.keras").predict(X, verbose=0),
+                                  small.predict(X, verbose=0))
+
+
+def test_l1_norm_prune_cuts_heads_and_ffn_units_of_the_vit():
+    model = tfs.zoo.mnist1d_vit()
+    small = tfs.pruning.l1_norm_prune(model, flops=0.5)
+    ratio = tfs.summary(small, print_fn=None).flops / tfs.summary(model, print_fn=None).flops
+    assert 0.45 <= ratio <= 0.5
+    assert [l.num_heads for l in small.layers if isinstance(l, keras.layers.MultiHeadAttention)] == [1, 1]
+    assert small.get_layer("block0_ffn1").units < 64

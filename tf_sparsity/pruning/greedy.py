@@ -10,7 +10,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tf_sparsity import _compat, surgery
+from tf_sparsity import _compat, prunable, surgery
 from tf_sparsity.pruning.finetune import train_steps
 from tf_sparsity.pruning.greedy_loss import greedy_loss
 from tf_sparsity.summarize import summary
@@ -495,7 +495,7 @@ def _prune_by_group_scores(model, score, width, flops, data, finetune_steps, bat
         raise ValueError("Pass a budget: `width` or `flops` (a fraction in (0, 1)).")
     if width is not None and flops is not None:
         raise ValueError("Pass at most one budget: `width` or `flops`.")
-    groups = surgery.channel_groups(model)
+    groups = surgery.channel_groups(model, heads=True)
     scores = {name: score(group) for name, group in groups.prunable().items()}
     keep = surgery.keep_for_budget(groups, scores, width=width, flops=flops, allocation=allocation)
     pruned = surgery.prune_groups(model, keep, groups)
@@ -511,10 +511,19 @@ def group_l1_scores(group):
     layer's norms divided by their mean, so wide and narrow layers weigh alike)."""
     total = np.zeros(group.size)
     for layer, channels in group.producers:
-        kernel = np.abs(ops.convert_to_numpy(layer.kernel))
-        norms = kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)[channels]
+        norms = _unit_l1(layer)[channels]
         total += norms / max(float(norms.mean()), 1e-30)
     return total
+
+
+def _unit_l1(layer):
+    """L1 norm of each output unit's weights (an attention layer's units: its heads)."""
+    if isinstance(layer, keras.layers.MultiHeadAttention):
+        # query/key/value kernels (input, heads, size), then the output kernel (heads, size, output)
+        *qkv, out = [np.abs(ops.convert_to_numpy(k)) for k in prunable.prunable_kernels(layer)]
+        return sum(k.sum(axis=(0, 2)) for k in qkv) + out.reshape(out.shape[0], -1).sum(axis=1)
+    kernel = np.abs(ops.convert_to_numpy(layer.kernel))
+    return kernel.reshape(-1, kernel.shape[-1]).sum(axis=0)
 
 
 def l1_norm_prune(model, width=None, flops=None, data=None, finetune_steps=0, batch_size=256, seed=0,

@@ -57,10 +57,11 @@ def group_macs(groups, keep):
     total = sum(rows.values())
     masks = groups.keep_masks(keep)
     for layer, kind, _, _ in groups.layers.values():
-        if kind not in ("producer", "depthwise") or not rows.get(layer.name):
+        if kind not in ("producer", "depthwise", "heads") or not rows.get(layer.name):
             continue
         inp, out = masks[id(layer)]
-        fraction = inp.mean() * (out.mean() if kind == "producer" else 1.0)
+        # An attention layer's projections scale with its heads.
+        fraction = out.mean() if kind == "heads" else inp.mean() * (out.mean() if kind == "producer" else 1.0)
         total -= rows[layer.name] * (1.0 - fraction)
     return total
 
@@ -126,6 +127,9 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
             changed = True
         if kind == "producer" and layer.name in bias_shift and not config.get("use_bias", True):
             config["use_bias"] = changed = True
+        if kind == "heads" and not out.all():
+            config["num_heads"] = int(out.sum())
+            changed = True
         if kind == "reshape" and "target_shape" in config and not out.all():  # Flatten infers its shape
             config["target_shape"] = tuple(config["target_shape"][:-1]) + (int(out.sum()),)
             changed = True
@@ -138,6 +142,9 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
             return layer.__class__.from_config(config)
 
     def transfer(old, new):
+        if id(old) in info and info[id(old)][0] == "heads":
+            _transfer_heads(old, new, info[id(old)][2])
+            return
         weights = [w.copy() for w in old.get_weights()]
         if id(old) in info:
             kind, inp, out = info[id(old)]
@@ -165,6 +172,17 @@ def prune_groups(model, keep, groups=None, input_scale=None, bias_shift=None):
         new.set_weights(weights)
 
     return map_layers(model, replace, transfer=transfer)
+
+
+def _transfer_heads(old, new, keep):
+    """Copy the kept heads of a `MultiHeadAttention`: the query/key/value kernels
+    are (input, heads, size), their biases (heads, size); the output kernel is
+    (heads, size, output)."""
+    for name in ("query_dense", "key_dense", "value_dense"):
+        kernel, *bias = getattr(old, name).get_weights()
+        getattr(new, name).set_weights([kernel[:, keep]] + [b[keep] for b in bias])
+    kernel, *bias = old.output_dense.get_weights()
+    new.output_dense.set_weights([kernel[keep]] + bias)
 
 
 ALLOCATIONS = ("uniform", "global")

@@ -22,6 +22,11 @@ operation the analysis does not know (its name and the reason are in
 others, but a nested model's own inputs keep their channels (its `Input`
 shape is fixed when the model is cloned). tf_sparsity wrappers are analysed
 as the layer they wrap (`ChannelGroups.layers` then holds the inner layer).
+Elementwise operation nodes (`h + i`, `keras.ops.tanh(h)`) pass channels like
+the layers that do the same. With `heads=True`, each `MultiHeadAttention`
+is one more group whose units are its heads (a head: its query, key and
+value projection columns and its rows of the output projection); the
+attention's input and output channels are kept.
 
 The surgery itself (`prune_groups`) and the MACs count live in `group_surgery`.
 """
@@ -113,7 +118,7 @@ class ChannelGroups:
     def _collect(self):
         by_root = {}
         for layer, kind, _, out in self.layers.values():
-            if kind != "producer":
+            if kind not in ("producer", "heads"):
                 continue
             for channel, root in enumerate(self.root(out)):
                 by_root.setdefault(int(root), []).append((layer, channel))
@@ -182,7 +187,8 @@ class ChannelGroups:
 
 
 class _Analysis:
-    def __init__(self):
+    def __init__(self, heads=False):
+        self.heads = heads
         self.parent = []
         self.atoms = {}  # id(tensor) -> atoms of its last axis
         self.layers = {}
@@ -327,15 +333,26 @@ class _Analysis:
                 self.layers[id(op)] = (op, "flatten", x, x)
                 return None
             return f"reshape {tuple(shape_in)} -> {tuple(shape_out)} mixes channels"
+        if self.heads and isinstance(op, keras.layers.MultiHeadAttention) and out is not None:
+            for atoms in in_atoms:
+                self.freeze(atoms, f"{op.name}: attention input (its heads are the units)", op.name)
+            self.atoms[id(out)] = self.new(int(out.shape[-1]))
+            self.freeze(self.atoms[id(out)], f"{op.name}: attention output (its heads are the units)", op.name)
+            self.layers[id(op)] = (op, "heads", None, self.new(op.num_heads))
+            return None
         return f"{type(op).__name__} (not known to the channel analysis)"
 
 
-def channel_groups(model):
+def channel_groups(model, heads=False):
     """The channel dependency groups of `model` (Sequential or functional).
 
     Args:
-        model: a built Sequential / functional Keras model (nested models are
-            followed); subclassed models raise a `TypeError`.
+        model: a built Keras model (nested models are followed; a
+            subclassed model is one layer the analysis does not know).
+        heads: also make each `MultiHeadAttention`'s heads a group (its
+            input and output channels are then kept). Used by the L1-norm
+            and random baselines; the methods that reconstruct consumers'
+            inputs (greedy, channel-STR) leave attention alone.
 
     Returns:
         A `ChannelGroups`: `.groups` maps each group's name to a
@@ -355,7 +372,7 @@ def channel_groups(model):
     {'a': ChannelGroup('a', size=16, layers=[a, b])}
     """
     model = as_graph_model(model)
-    analysis = _Analysis()
+    analysis = _Analysis(heads)
     for tensor in model.inputs:
         analysis.freeze(analysis.of(tensor), "model input")
     analysis.graph(model)
