@@ -218,3 +218,13 @@ def test_l1_norm_prune_cuts_heads_and_ffn_units_of_the_vit():
     assert 0.45 <= ratio <= 0.5
     assert [l.num_heads for l in small.layers if isinstance(l, keras.layers.MultiHeadAttention)] == [1, 1]
     assert small.get_layer("block0_ffn1").units < 64
+
+
+@pytest.mark.slow
+def test_vit_exports_to_tflm_with_relu_and_names_gelu_otherwise():
+    x = np.random.default_rng(0).normal(size=(32, 40, 1)).astype("float32")
+    small = tfs.pruning.l1_norm_prune(tfs.zoo.mnist1d_vit(ffn_activation="relu"), flops=0.5)
+    result = tfs.export.convert(small, target="tflm", quantize="int8", representative_data=x)
+    assert result.report.tflm["arena_bytes"] > 0 and result.report.verification["samples"] == 16
+    with pytest.raises(tfs.export.UnsupportedOpError, match="GELU"):
+        tfs.export.convert(tfs.zoo.mnist1d_vit(), target="tflm", quantize="int8", representative_data=x)

@@ -34,7 +34,8 @@ def _block(rng, x):
         norm = keras.layers.BatchNormalization if rng.integers(2) else keras.layers.LayerNormalization
         return norm()(x)
     if choice == 6:  # operators and keras.ops calls
-        op = [keras.ops.tanh, keras.ops.relu, keras.activations.gelu, lambda t: t * 0.5 - 0.1][rng.integers(4)]
+        op = [keras.ops.tanh, keras.ops.relu, keras.activations.gelu, keras.activations.relu,
+              lambda t: t * 0.5 - 0.1][rng.integers(5)]
         return op(x)
     if choice == 7:  # residual
         return x + keras.layers.Dense(c)(keras.ops.relu(x))

@@ -170,12 +170,12 @@ def sublayers(layer):
     return list(layer._flatten_layers(include_self=False, recursive=True))
 
 
-# Keras operation nodes (`keras.src.ops`; what `+`, `*` and `keras.ops.*` on
+# Keras operation nodes (`keras.src.ops`, `keras.src.activations`; what `+`, `*` and `keras.ops.*` on
 # symbolic tensors become) that act on each element alone: channel j of the
 # output reads channel j of each input only. Names checked on Keras 3.15.
 # The activations among them (SynFlow's linearization makes these the identity).
 _ACTIVATION_OPERATIONS = frozenset((
-    "Tanh", "Relu", "Relu6", "Sigmoid", "Silu", "Swish", "Gelu", "Elu", "Selu", "Celu",
+    "ReLU", "Tanh", "Relu", "Relu6", "Sigmoid", "Silu", "Swish", "Gelu", "Elu", "Selu", "Celu",
     "LeakyRelu", "Softplus", "Softsign", "HardSigmoid", "HardSilu", "HardSwish", "LogSigmoid",
     "Mish", "HardTanh", "SoftShrink", "HardShrink", "TanhShrink",
 ))
@@ -187,7 +187,8 @@ _ELEMENTWISE_OPERATIONS = _ACTIVATION_OPERATIONS | frozenset((
 
 
 def _operation_named(op, names):
-    return (not isinstance(op, keras.layers.Layer) and type(op).__module__.startswith("keras.src.ops")
+    module = type(op).__module__  # `keras.ops.*`; `keras.activations.relu` / `mish` are Operations too
+    return (not isinstance(op, keras.layers.Layer) and module.startswith(("keras.src.ops", "keras.src.activations"))
             and type(op).__name__ in names)
 
 

@@ -323,13 +323,15 @@ def mlperf_tiny_autoencoder(input_dim=640, hidden=(128, 128, 128, 128, 8, 128, 1
     return keras.Model(inputs, outputs, name=name)
 
 
-def mnist1d_vit(dim=32, heads=2, blocks=2, patch=4, mlp_ratio=2, num_classes=10, seq_len=40, name="mnist1d_vit"):
+def mnist1d_vit(dim=32, heads=2, blocks=2, patch=4, mlp_ratio=2, num_classes=10, seq_len=40, ffn_activation="gelu",
+                name="mnist1d_vit"):
     """A small ViT-style classifier for MNIST-1D, written as Keras 3 code is today.
 
     Patches by a strided Conv1D, a learned position embedding added with `+`,
     `blocks` pre-norm transformer blocks (`MultiHeadAttention`, LayerNorm,
-    a GELU FFN through `keras.activations.gelu`, residual `+`), mean pooling
-    and a Dense head (logits). Attention projections live inside the
+    an FFN whose `ffn_activation` is applied as a function (GELU; "relu" for
+    TFLite Micro, which has no GELU kernel), residual `+`), mean pooling and a
+    Dense head (logits). Attention projections live inside the
     `MultiHeadAttention` layers; every method reaches them (`tfs.prunable`).
 
     >>> m = mnist1d_vit()
@@ -346,7 +348,7 @@ def mnist1d_vit(dim=32, heads=2, blocks=2, patch=4, mlp_ratio=2, num_classes=10,
         h = keras.layers.LayerNormalization(name=f"block{b}_ln1")(x)
         x = x + keras.layers.MultiHeadAttention(heads, dim // heads, name=f"block{b}_attention")(h, h)
         h = keras.layers.LayerNormalization(name=f"block{b}_ln2")(x)
-        h = keras.activations.gelu(keras.layers.Dense(dim * mlp_ratio, name=f"block{b}_ffn1")(h))
+        h = keras.activations.get(ffn_activation)(keras.layers.Dense(dim * mlp_ratio, name=f"block{b}_ffn1")(h))
         x = x + keras.layers.Dense(dim, name=f"block{b}_ffn2")(h)
     x = keras.layers.GlobalAveragePooling1D()(keras.layers.LayerNormalization(name="final_ln")(x))
     return keras.Model(inputs, keras.layers.Dense(num_classes, name="logits")(x), name=name)
