@@ -12,7 +12,9 @@ the whole training split and the test split is evaluated once. Rows: dense; STR'
 threshold with one shared level steered to 90 / 95 % (`learn_threshold=False`
 + `TargetSparsity`, our variant; patch and position embeddings kept dense); GSM at compression 10 (Adam's step is
 replaced by GSM's momentum step: `tfs.recipes.gsm_optimizer`); SynFlow at
-compression 10 then trained. Reported: test accuracy (mean +- std over
+compression 10 then trained; heads + FFN units: the trained dense model cut
+by `l1_norm_prune` to 0.5 of its MACs (attention heads and FFN hidden units
+are its groups), then fine-tuned `--finetune-epochs` at the same rate. Reported: test accuracy (mean +- std over
 seeds), overall sparsity, sparsity of the attention projections (the four
 EinsumDense kernels inside each MultiHeadAttention), LiteRT float invoke time
 as a ratio to dense (medians, interleaved in the same run) and the full-int8
@@ -20,8 +22,10 @@ LiteRT file size.
 
 `--mlperf`: the four MLPerf Tiny networks (`tfs.zoo.mlperf_tiny_*`), random
 initialization, BatchNorm statistics from generated inputs of their shapes
-(their datasets cannot be downloaded). Rows: dense, L1-norm channel pruning
-and greedy selection (reconstruction objective, our variant) at 0.5 MACs.
+(their datasets cannot be downloaded). Rows: dense; STR at 90 % (shared
+level, a few steps imitating the dense outputs: unstructured); L1-norm
+channel pruning and greedy selection (reconstruction objective, our
+variant) at 0.5 MACs.
 Each is exported full int8 for TFLM; file bytes, arena bytes and invoke time
 (tflite-micro host interpreter, medians, interleaved) as ratios to dense.
 """
@@ -70,7 +74,7 @@ def vit_rows(a):
     rows = []
     for seed in range(a.seeds):
         models = {}
-        for method in ("dense", "str90", "str95", "gsm10", "synflow10"):
+        for method in ("dense", "str90", "str95", "gsm10", "synflow10", "l1_heads_ffn_0.5"):
             keras.utils.set_random_seed(seed)
             base = tfs.zoo.mnist1d_vit()
             callbacks, optimizer, model = [], adam(lr, a.epochs, steps), base
@@ -83,7 +87,11 @@ def vit_rows(a):
                 optimizer = tfs.recipes.gsm_optimizer(a.epochs * steps, compression=10)
             elif method == "synflow10":
                 model = tfs.prune_at_init(base, "synflow", compression=10, verbose=0)
-            result = train_classifier(model, train, test, epochs=a.epochs, callbacks=callbacks, optimizer=optimizer)
+            elif method.startswith("l1"):
+                model = tfs.pruning.l1_norm_prune(models["dense"], flops=0.5)
+            epochs = a.finetune_epochs if method.startswith("l1") else a.epochs
+            optimizer = adam(lr, epochs, steps) if method.startswith("l1") else optimizer
+            result = train_classifier(model, train, test, epochs=epochs, callbacks=callbacks, optimizer=optimizer)
             if method == "gsm10":
                 tfs.optimizers.final_prune(model)
                 result["accuracy"] = float(model.evaluate(*test, verbose=0, batch_size=512)[1])
@@ -91,6 +99,8 @@ def vit_rows(a):
             models[method] = plain
             int8 = tfs.export.convert(plain, target="litert", quantize="int8", representative_data=train[0][:200])
             rows.append({"seed": seed, "method": method, "lr": lr, "accuracy": result["accuracy"],
+                         "macs_ratio": tfs.summary(plain, print_fn=None).flops / tfs.summary(
+                             models["dense"], print_fn=None).flops,
                          "sparsity": tfs.sparsity(plain), "attention_sparsity": attention_sparsity(plain),
                          "int8_bytes": len(int8.tflite)})
             print(rows[-1], flush=True)
@@ -102,6 +112,17 @@ def vit_rows(a):
     return rows
 
 
+def str_90(dense, x):
+    """STR's soft threshold steered to 90 % over a few steps on generated inputs (labels: the
+    dense model's own predictions), stripped: unstructured, so TFLM runs it dense."""
+    y = dense.predict(x, verbose=0)
+    sparse = tfs.soft_threshold(dense, learn_threshold=False, shrink=False)
+    sparse.compile(keras.optimizers.SGD(1e-3), "mse")
+    sparse.fit(x, y, epochs=4, batch_size=16, verbose=0,
+               callbacks=[tfs.callbacks.TargetSparsity(0.9, end_step=8, update_every=1)])
+    return tfs.strip(sparse)
+
+
 def mlperf_rows(a):
     rows = []
     rng = np.random.default_rng(0)
@@ -110,7 +131,7 @@ def mlperf_rows(a):
         dense = getattr(tfs.zoo, name)()
         x = rng.standard_normal((64, *dense.input_shape[1:])).astype("float32")
         tfs.recalibrate_batchnorm(dense, x, batch_size=len(x))
-        variants = {"dense": dense,
+        variants = {"dense": dense, "str_0.9": str_90(dense, x),
                     "l1_0.5": tfs.pruning.l1_norm_prune(dense, flops=0.5),
                     "greedy_reconstruction_0.5": tfs.greedy_prune(dense, x, objective="reconstruction", flops=0.5,
                                                                   verbose=0)}
@@ -132,13 +153,13 @@ def mlperf_rows(a):
 
 
 def vit_table(rows):
-    lines = ["| method | accuracy % (mean ± std) | sparsity | attention sparsity | LiteRT float time / dense | int8 bytes |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | accuracy % (mean ± std) | sparsity | attention sparsity | MACs / dense "
+             "| LiteRT float time / dense | int8 bytes |", "|---|---|---|---|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = [r for r in rows if r["method"] == method]
         acc = np.array([r["accuracy"] for r in rs]) * 100
         lines.append(f"| {method} | {acc.mean():.2f} ± {acc.std():.2f} | {np.mean([r['sparsity'] for r in rs]):.3f} "
-                     f"| {np.mean([r['attention_sparsity'] for r in rs]):.3f} "
+                     f"| {np.mean([r['attention_sparsity'] for r in rs]):.3f} | {np.mean([r['macs_ratio'] for r in rs]):.3f} "
                      f"| {np.median([r['litert_float_time_ratio'] for r in rs]):.2f} "
                      f"| {int(np.mean([r['int8_bytes'] for r in rs])):,} |")
     return lines
@@ -158,6 +179,7 @@ def main():
     p.add_argument("--mlperf", action="store_true")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--finetune-epochs", type=int, default=5)
     p.add_argument("--lrs", type=lambda s: [float(v) for v in s.split(",")], default=[3e-3, 1e-3])
     a = p.parse_args()
     if a.mlperf:

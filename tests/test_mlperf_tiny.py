@@ -16,9 +16,6 @@ NETWORKS = {
     "mlperf_tiny_autoencoder": (269_992, (640,), (640,), 0, 276_976),  # ad01_int8.tflite
 }
 
-# Measured: our default int8 FULLY_CONNECTED weights are per channel (the reference's
-# are per tensor), so with calibrated BatchNorm (nonzero fused biases) the autoencoder is
-# 307,352 B = 1.11x its reference (weight_quantization="per_tensor": 275,136 B).
 
 
 def build(name, **kwargs):
@@ -84,3 +81,38 @@ def test_dense_int8_tflm_export_runs_and_fits_the_reference_size(name, tmp_path)
     assert report.tflm["arena_bytes"] > 0
     assert path.read_bytes() == result.tflite
     assert len(result.tflite) <= 1.1 * NETWORKS[name][4]
+
+
+def _data(model, n=16):
+    x = np.random.default_rng(0).standard_normal((n, *model.input_shape[1:])).astype("float32")
+    classes = model.output_shape[-1]
+    y = x if model.output_shape[1:] == model.input_shape[1:] else np.arange(n) % classes
+    loss = "mse" if y is x else keras.losses.SparseCategoricalCrossentropy()
+    return x, y, loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NETWORKS)
+def test_every_method_runs_on_the_network(name):
+    keras.utils.set_random_seed(0)
+    dense = build(name)
+    x, y, loss = _data(dense)
+    # STR steered to 90 %, stripped to equal outputs.
+    sparse = tfs.soft_threshold(dense, learn_threshold=False, shrink=False)
+    sparse.compile(keras.optimizers.SGD(0.01), loss)
+    sparse.fit(x, y, epochs=2, batch_size=8, verbose=0,
+               callbacks=[tfs.callbacks.TargetSparsity(0.9, end_step=2, update_every=1)])
+    assert tfs.sparsity(sparse) == pytest.approx(0.9, abs=0.01)
+    np.testing.assert_allclose(tfs.strip(sparse).predict(x, verbose=0), sparse.predict(x, verbose=0), atol=1e-5)
+    # GSM, SynFlow and the structured baselines.
+    gsm = build(name)
+    gsm.compile(tfs.optimizers.GlobalSparseMomentum(0.01, momentum=0.9, compression=10), loss)
+    gsm.fit(x, y, epochs=1, batch_size=8, verbose=0)
+    tfs.optimizers.final_prune(gsm)
+    assert tfs.sparsity(gsm) == pytest.approx(0.9, abs=0.01)
+    synflow = tfs.prune_at_init(dense, "synflow", compression=10, iterations=5, verbose=0)
+    assert tfs.sparsity(synflow) == pytest.approx(0.9, abs=0.01)
+    for small in (tfs.pruning.l1_norm_prune(dense, flops=0.5),
+                  tfs.greedy_prune(dense, x, objective="reconstruction", flops=0.5, verbose=0)):
+        ratio = tfs.summary(small, print_fn=None).flops / tfs.summary(dense, print_fn=None).flops
+        assert 0.4 <= ratio <= 0.5
