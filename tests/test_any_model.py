@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tf_sparsity as tfs
-from support import compile_sgd, random_like
+from support import assert_same_state, compile_sgd, fit_single_and_mirrored, random_like
 
 
 @keras.saving.register_keras_serializable(package="tests")
@@ -228,3 +228,14 @@ def test_vit_exports_to_tflm_with_relu_and_names_gelu_otherwise():
     assert result.report.tflm["arena_bytes"] > 0 and result.report.verification["samples"] == 16
     with pytest.raises(tfs.export.UnsupportedOpError, match="GELU"):
         tfs.export.convert(tfs.zoo.mnist1d_vit(), target="tflm", quantize="int8", representative_data=x)
+
+
+@pytest.mark.slow
+def test_str_on_attention_under_mirrored_strategy_matches_one_device(mirrored_strategy):
+    def build():
+        keras.utils.set_random_seed(0)
+        return compile_sgd(tfs.soft_threshold(attention(), s_init=-3.0, weight_decay=1e-3), lr=0.01)
+
+    x, y = np.concatenate([X] * 4), np.concatenate([Y] * 4)
+    single, mirrored = fit_single_and_mirrored(build, mirrored_strategy, x, y, epochs=1, batch_size=32)
+    assert_same_state(single, mirrored)
