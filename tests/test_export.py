@@ -416,3 +416,14 @@ def test_units_constant_on_the_calibration_data_are_folded_and_xnnpack_runs_the_
     assert interpreter.get_input_details()[0]["dtype"] == np.int8
     float_result = tfs.export.convert(model, representative_data=x)  # float: nothing folded, nothing asked
     assert float_result.report.folded == []
+
+
+def test_an_all_zero_weight_is_stored_dense_not_as_an_empty_sparse_tensor():
+    # SynFlow empties whole attention projections; a sparse encoding of an all-zero
+    # kernel has an empty buffer, which LiteRT read as "Input tensor ... lacks data".
+    inputs = keras.Input((32,))
+    h = keras.layers.Dense(32, kernel_initializer="zeros", bias_initializer="ones", name="zero")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(8, name="out")(keras.layers.Concatenate()([h, inputs])))
+    result = export.convert(model, target="litert", representative_data=np.ones((4, 32), "float32"))
+    assert result.report.verification["max_abs_diff"] <= 1e-5
+    assert any("every entry is zero" in d["reason"] for d in result.report.densified)

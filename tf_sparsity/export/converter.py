@@ -163,9 +163,12 @@ def settle_sparsity(tflite, sparse, quantize, report, dense):
         if tflite is None:
             report.warnings.append("could not line up the sparse and dense conversions; exported dense")
             tflite = dense_bytes
-    for name, dtype, block, shape, consumer in replaced:
+    for name, dtype, block, shape, consumer, stored in replaced:
         layout = "CSR (random)" if all(b == 1 for b in block) else "x".join(map(str, block)) + " blocks"
-        if partial(block, shape):
+        if not stored:
+            reason = ("every entry is zero: a sparse encoding would store no value, and the runtimes read "
+                      "its empty buffer as a missing input; stored dense (the converter folds it)")
+        elif partial(block, shape):
             reason = (f"a {list(shape)} weight does not split into whole {layout}; the converter drops the "
                       "partial block's values, so it is stored dense. Use layer input sizes that are "
                       f"multiples of {max(block)} to store it sparse")

@@ -220,12 +220,18 @@ def densify(data, keep=lambda dtype, block, shape, consumer: False):
     and a sparse constant read directly by a kernel (its sparsity
     parameters are dropped). `keep(dtype, block_shape, dense_shape,
     consumer)` says which may stay sparse (`consumer` is the op reading the
-    tensor: "DENSIFY" or the kernel). `replaced` lists `(tensor_name, dtype,
-    block_shape, dense_shape, consumer)`. Unused tensors, buffers and op codes
-    are dropped afterwards.
+    tensor: "DENSIFY" or the kernel). A sparse tensor with no stored value
+    (an all-zero weight) is always stored dense: its buffer is empty, and the
+    runtimes read a constant with an empty buffer as a tensor without data
+    (measured, LiteRT 2.3: "Input tensor ... lacks data"). `replaced` lists
+    `(tensor_name, dtype, block_shape, dense_shape, consumer, stored values)`.
+    Unused tensors, buffers and op codes are dropped afterwards.
     """
     model = read(data)
     replaced = []
+
+    def stored(tensor):
+        return len(buffer_bytes(model, tensor.buffer, data)) // np.dtype(numpy_dtype(tensor.type)).itemsize
 
     def dense_buffer(tensor, shape):
         values = np.frombuffer(buffer_bytes(model, tensor.buffer, data), dtype=numpy_dtype(tensor.type))
@@ -247,13 +253,14 @@ def densify(data, keep=lambda dtype, block, shape, consumer: False):
             densify_inputs.add(op.inputs[0])
             dtype, shape = dtype_name(src.type), tuple(int(d) for d in dst.shape)
             blocks = block_shape(src.sparsity, len(shape))
-            if keep(dtype, blocks, shape, "DENSIFY"):
+            count = stored(src)
+            if count and keep(dtype, blocks, shape, "DENSIFY"):
                 kept_ops.append(op)
                 continue
             dst.buffer = dense_buffer(src, shape)
             if dst.quantization is None or dst.quantization.scale is None:
                 dst.quantization = src.quantization
-            replaced.append((_name(dst), dtype, blocks, shape, "DENSIFY"))
+            replaced.append((_name(dst), dtype, blocks, shape, "DENSIFY", count))
         sub.operators = kept_ops
         consumers = {}
         for op in sub.operators:
@@ -265,11 +272,12 @@ def densify(data, keep=lambda dtype, block, shape, consumer: False):
             dtype, shape = dtype_name(tensor.type), tuple(int(d) for d in tensor.shape)
             blocks = block_shape(tensor.sparsity, len(shape))
             consumer = consumers.get(i, "")
-            if keep(dtype, blocks, shape, consumer):
+            count = stored(tensor)
+            if count and keep(dtype, blocks, shape, consumer):
                 continue
             tensor.buffer = dense_buffer(tensor, shape)
             tensor.sparsity = None
-            replaced.append((_name(tensor), dtype, blocks, shape, consumer))
+            replaced.append((_name(tensor), dtype, blocks, shape, consumer, count))
     if not replaced:
         return bytes(data), replaced
     _drop_unused(model)
