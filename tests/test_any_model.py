@@ -191,6 +191,8 @@ def test_attention_heads_are_structured_units(tmp_path):
     groups = tfs.surgery.channel_groups(model, heads=True)
     assert groups.prunable()["mha"].size == 2
     assert "mha" not in tfs.surgery.channel_groups(model).prunable()  # opt-in: greedy / channel-STR keep it
+    with pytest.raises(TypeError, match="`heads` must be True or False"):
+        tfs.surgery.channel_groups(model, heads="yes")
     small = tfs.surgery.prune_groups(model, {"mha": [1]}, groups)
     assert small.get_layer("mha").num_heads == 1
     # The masked model: head 0 writes nothing (its value projection and output rows zeroed).

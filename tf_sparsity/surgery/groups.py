@@ -371,6 +371,8 @@ def channel_groups(model, heads=False):
     >>> groups.prunable()
     {'a': ChannelGroup('a', size=16, layers=[a, b])}
     """
+    if not isinstance(heads, bool):
+        raise TypeError(f"`heads` must be True or False; received {heads!r}.")
     model = as_graph_model(model)
     analysis = _Analysis(heads)
     for tensor in model.inputs:
