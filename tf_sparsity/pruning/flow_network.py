@@ -105,10 +105,6 @@ def unsupported_layers(model):
     return out
 
 
-def _operations(model):
-    return [op for op, _ in _operation_calls(model)]
-
-
 def _operation_calls(model):
     """`(operation, number of input tensors)` of every call in `model`'s graph."""
     try:
@@ -262,7 +258,7 @@ class SynFlowNetwork:
     # -- the graph ----------------------------------------------------------
     def _cache_values(self, model):
         # Parameter values are read once, eagerly (the graph is traced later).
-        for layer in _operations(model):
+        for layer, _ in _operation_calls(model):
             if _compat.is_graph_model(layer):
                 self._cache_values(layer)
                 continue
